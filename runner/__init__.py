@@ -1,0 +1,1 @@
+"""Tuneworks runner: the arq worker that validates files and trains LoRA adapters."""

@@ -1,0 +1,1 @@
+"""Tuneworks control plane: the OpenAI-compatible API, its database and its queue."""

@@ -1,0 +1,84 @@
+"""`tuneworks`: the one command of the stack. Every subcommand reads its settings from `FT_*` variables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from service.settings import Settings, env_help
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneworks",
+        description="Self-hosted LLM fine-tuning with an OpenAI-compatible API.",
+        epilog=env_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in [
+        ("up", "run API, worker, inference and (when FT_REDIS_URL is unset) Redis on this machine"),
+        ("api", "run the OpenAI-compatible API (uvicorn)"),
+        ("worker", "run an arq worker that validates files and trains adapters"),
+        ("serve", "run and supervise the vLLM servers and keep adapters loaded"),
+    ]:
+        sub.add_parser(name, help=text, epilog=env_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    keys = sub.add_parser("keys", help="create or revoke API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="print a new API key for a project (the only line on stdout)")
+    create.add_argument("--project", required=True, help="project name (created when new)")
+    revoke = keys.add_parser("revoke", help="revoke an API key")
+    revoke.add_argument("key", help="the key, as printed by `keys create`")
+    models = sub.add_parser("models", help="list or prepare base models").add_subparsers(
+        dest="models_command", required=True
+    )
+    models.add_parser("list", help="list the base models and whether their weights are prepared")
+    prepare = models.add_parser("prepare", help="prepare base model weights under FT_HOME/models")
+    prepare.add_argument("model", nargs="*", help="model ids (default: FT_BASE_MODELS)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(_dispatch(args, settings) or 0)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
+    if args.command == "up":
+        from service.stack import run_up
+
+        return run_up(settings)
+    if args.command == "api":
+        from service.app import run_api
+
+        return run_api(settings)
+    if args.command == "worker":
+        from runner.worker import run_worker
+
+        return run_worker(settings)
+    if args.command == "serve":
+        from serving.main import run_serve
+
+        return run_serve(settings)
+    if args.command == "keys":
+        from service import keys
+
+        if args.keys_command == "create":
+            print(keys.create_key_cli(settings, project=args.project))
+            return 0
+        return keys.revoke_key_cli(settings, key=args.key)
+    from runner import model_cli
+
+    if args.models_command == "list":
+        return model_cli.list_models(settings)
+    return model_cli.prepare_models(settings, args.model or settings.base_model_ids)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

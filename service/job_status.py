@@ -1,0 +1,149 @@
+"""The one module that changes a job's status.
+
+`transition()` checks the move against the table, writes the new status, the other fields and a job event in
+one transaction with a compare-and-set on the old status (so an API cancel and a worker finishing at the same
+moment cannot both win), and only after the commit announces it (log line and metric). Callers that enqueue
+work do it after `transition()` returns, i.e. after the change is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from service.ids import new_id, now
+from service.tables import JobEventRow, JobRow
+
+logger = logging.getLogger(__name__)
+
+
+class JobStatus(StrEnum):
+    validating_files = "validating_files"  # created; the worker is checking the training/validation files
+    queued = "queued"  # waiting for a worker (also after resume and after a worker crash)
+    running = "running"  # a worker holds the lease and trains
+    paused = "paused"  # stopped at a step boundary with resume state saved; `resume` queues it again
+    succeeded = "succeeded"  # adapter saved and registered; `fine_tuned_model` set
+    failed = "failed"  # `error` set
+    cancelled = "cancelled"  # stopped on request; checkpoints kept
+
+
+S = JobStatus
+TERMINAL = frozenset({S.succeeded, S.failed, S.cancelled})
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    S.validating_files: frozenset({S.queued, S.failed, S.cancelled}),
+    S.queued: frozenset({S.running, S.paused, S.failed, S.cancelled}),
+    # running -> queued: the worker's lease expired (crash) and the job goes back to the queue.
+    S.running: frozenset({S.succeeded, S.failed, S.cancelled, S.paused, S.queued}),
+    S.paused: frozenset({S.queued, S.cancelled}),
+    S.succeeded: frozenset(),
+    S.failed: frozenset(),
+    S.cancelled: frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    """The job is not in a state from which the requested move is allowed (or another writer moved it first)."""
+
+    def __init__(self, job_id: str, current: str, target: str) -> None:
+        super().__init__(f"job {job_id}: cannot move from {current} to {target}")
+        self.job_id = job_id
+        self.current = current
+        self.target = target
+
+
+def can_move(current: str, target: str) -> bool:
+    return JobStatus(target) in TRANSITIONS[JobStatus(current)]
+
+
+def transition(
+    engine: Engine,
+    job_id: str,
+    target: JobStatus,
+    *,
+    message: str,
+    level: str = "info",
+    expect: JobStatus | set[JobStatus] | None = None,
+    data: dict[str, Any] | None = None,
+    **fields: Any,
+) -> JobRow:
+    """Move job `job_id` to `target`, with `fields` set on the row and an event with `message`.
+
+    Args:
+        engine: the database.
+        job_id: the job.
+        target: the new status.
+        message: text of the job event written with the change.
+        level: event level (info, warn, error).
+        expect: the status(es) the caller believes the job is in; the move fails if it is elsewhere.
+        data: optional event data.
+        **fields: other columns to set in the same write (error, finished_at, fine_tuned_model, ...).
+
+    Returns:
+        The job row after the change.
+
+    Raises:
+        IllegalTransition: the move is not allowed from the current status, or the status changed meanwhile.
+        KeyError: no such job.
+    """
+    with Session(engine, expire_on_commit=False) as session:
+        job = _load(session, job_id)
+        current = JobStatus(job.status)
+        allowed = {expect} if isinstance(expect, JobStatus) else expect
+        if (allowed is not None and current not in allowed) or not can_move(current, target):
+            raise IllegalTransition(job_id, current, target)
+        if target in TERMINAL:
+            fields.setdefault("finished_at", now())
+        values = {"status": target.value, **fields}
+        result = session.execute(
+            update(JobRow).where(JobRow.id == job_id, JobRow.status == current.value).values(**values)  # type: ignore[arg-type]
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            session.rollback()
+            raise IllegalTransition(job_id, current, target)
+        session.add(_event(job_id, message, level=level, data=data))
+        session.commit()
+        session.refresh(job)
+    _announce(job, current, target)
+    return job
+
+
+def add_event(
+    engine: Engine,
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Append one event to a job (no status change)."""
+    with Session(engine) as session:
+        session.add(_event(job_id, message, level=level, type=type, data=data))
+        session.commit()
+
+
+def _event(
+    job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict[str, Any] | None = None
+) -> JobEventRow:
+    return JobEventRow(id=new_id("ftevent-"), job_id=job_id, message=message, level=level, type=type, data=data)
+
+
+def _load(session: Session, job_id: str) -> JobRow:
+    from sqlmodel import select
+
+    job = session.exec(select(JobRow).where(JobRow.id == job_id)).first()
+    if job is None:
+        raise KeyError(job_id)
+    return job
+
+
+def _announce(job: JobRow, old: JobStatus, new: JobStatus) -> None:
+    from service import metrics
+
+    logger.info("job %s: %s -> %s", job.id, old, new)
+    metrics.JOB_TRANSITIONS.labels(base_model=job.model, status=new.value).inc()

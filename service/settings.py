@@ -1,0 +1,154 @@
+"""Settings of every Tuneworks process, read from `FT_*` environment variables.
+
+One class for the whole stack, because the API, the worker and the inference supervisor share most of them
+(database, Redis, artifact store, base models). It is built once at each entry point and passed down, so tests
+construct their own.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    """Every setting, its env var name (`FT_` + upper-case field name) and what it does."""
+
+    model_config = SettingsConfigDict(env_prefix="FT_", extra="ignore")
+
+    home: Path = Field(
+        default=Path("~/.tuneworks"),
+        description="State folder: SQLite database, artifacts, prepared models, vLLM caches, Redis data.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL. Default: SQLite file FT_HOME/tuneworks.db. PostgreSQL: postgresql+psycopg://...",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for the arq queue and pub/sub. `tuneworks up` starts its own when unset; "
+        "other commands default to redis://127.0.0.1:6379/0.",
+    )
+    artifacts_url: str | None = Field(
+        default=None,
+        description="Artifact store (uploaded files, adapters, checkpoints). Default: file://FT_HOME/artifacts. "
+        "Only file:// (a local or shared volume) is implemented.",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address the API listens on.")
+    api_port: int = Field(default=8000, description="Port the API listens on.")
+    api_workers: int = Field(default=1, description="uvicorn worker processes (use >1 only with PostgreSQL).")
+    public_url: str | None = Field(
+        default=None, description="URL clients use to reach the API (printed by `tuneworks up`)."
+    )
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="Largest file upload accepted.")
+    queue_name: str = Field(default="tuneworks:queue", description="arq queue name in Redis.")
+    base_models: str = Field(
+        default=SMOLLM2,
+        description="Comma-separated base model ids that can be fine-tuned and are served by `tuneworks serve`.",
+    )
+    extra_models: str = Field(
+        default="{}",
+        description='JSON map of extra base models, id -> local folder of HF weights: {"org/name": "/models/x"}.',
+    )
+    min_examples: int = Field(default=10, description="Fewest examples a training file may have.")
+    job_max_attempts: int = Field(
+        default=3, description="Worker crashes a job survives before it fails with `too_many_attempts`."
+    )
+    job_timeout_seconds: int = Field(default=7 * 24 * 3600, description="Longest a training run may take.")
+    lease_seconds: int = Field(
+        default=30, description="A running job whose worker has not renewed its lease for this long is requeued."
+    )
+    reconcile_seconds: int = Field(
+        default=10, description="How often the worker's reconciler re-enqueues lost jobs and expired leases."
+    )
+    checkpoints_keep: int = Field(default=3, description="Epoch checkpoints kept per job (older ones deleted).")
+    resume_state_seconds: float = Field(
+        default=120.0, description="Resume state (adapter, optimizer, RNG, data position) is saved at least this often."
+    )
+    train_threads: int = Field(default=0, description="torch threads for CPU training; 0 = all cores.")
+    train_device: str = Field(default="auto", description="auto, cpu or cuda.")
+    worker_concurrency: int = Field(default=1, description="Jobs one worker trains at once.")
+    worker_metrics_port: int = Field(default=9101, description="Port of the worker's Prometheus /metrics (0 = off).")
+    vllm_host: str = Field(default="127.0.0.1", description="Address the vLLM servers listen on.")
+    vllm_base_port: int = Field(default=8100, description="Port of the first vLLM server; the next model gets +1.")
+    vllm_urls: str = Field(
+        default="{}",
+        description='JSON map base model -> vLLM URL, for servers run elsewhere (Kubernetes): {"org/m": "http://vllm-m:8000"}.',
+    )
+    vllm_max_loras: int = Field(default=4, description="Adapters batched at once per vLLM server (--max-loras).")
+    vllm_max_cpu_loras: int = Field(default=16, description="Adapters cached in CPU memory (--max-cpu-loras).")
+    vllm_max_lora_rank: int = Field(default=64, description="Largest LoRA rank served (--max-lora-rank).")
+    vllm_max_model_len: int = Field(default=2048, description="Context length of the vLLM servers.")
+    vllm_kv_cache_gib: int = Field(default=1, description="KV cache size on the CPU (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_gpu_memory_utilization: float = Field(default=0.85, description="GPU memory share for vLLM on CUDA.")
+    vllm_dtype: str = Field(default="bfloat16", description="vLLM --dtype.")
+    vllm_extra_args: str = Field(default="", description="Extra vLLM command-line arguments, space-separated.")
+    vllm_start_timeout: float = Field(default=300.0, description="Seconds to wait for a vLLM server to be healthy.")
+    inference_timeout: float = Field(default=600.0, description="Gateway timeout for one inference request.")
+    log_level: str = Field(default="INFO", description="Python logging level.")
+
+    @cached_property
+    def home_dir(self) -> Path:
+        path = self.home.expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'tuneworks.db'}"
+
+    @property
+    def resolved_redis_url(self) -> str:
+        return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        url = self.artifacts_url or f"file://{self.home_dir / 'artifacts'}"
+        if not url.startswith("file://"):
+            raise ValueError(f"`FT_ARTIFACTS_URL` must be a file:// URL, got {url!r}")
+        path = Path(url.removeprefix("file://")).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def models_dir(self) -> Path:
+        path = self.home_dir / "models"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def base_model_ids(self) -> list[str]:
+        ids = [m.strip() for m in self.base_models.split(",") if m.strip()]
+        return ids + [m for m in self.extra_model_paths if m not in ids]
+
+    @property
+    def extra_model_paths(self) -> dict[str, str]:
+        value = json.loads(self.extra_models or "{}")
+        if not isinstance(value, dict):
+            raise ValueError("`FT_EXTRA_MODELS` must be a JSON object of model id -> path")
+        return {str(k): str(v) for k, v in value.items()}
+
+    def vllm_url(self, base_model: str) -> str | None:
+        """URL of the vLLM server that serves `base_model`, or None when it is not served."""
+        explicit = json.loads(self.vllm_urls or "{}")
+        if base_model in explicit:
+            return str(explicit[base_model]).rstrip("/")
+        served = [m.strip() for m in self.base_models.split(",") if m.strip()]
+        if base_model not in served:
+            return None
+        return f"http://{self.vllm_host}:{self.vllm_base_port + served.index(base_model)}"
+
+
+def env_help() -> str:
+    """The `FT_*` settings as text, for `--help`."""
+    lines = ["settings (environment variables):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default is not None else "(unset)"
+        lines.append(f"  FT_{name.upper():<28} {field.description} [default: {default}]")
+    return "\n".join(lines)

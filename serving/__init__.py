@@ -1,0 +1,1 @@
+"""Tuneworks serving: supervised vLLM servers with run-time LoRA adapters."""
