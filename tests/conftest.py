@@ -90,3 +90,83 @@ def ft_home(tmp_path: Path, models_dir: Path) -> Path:
 @pytest.fixture
 def settings(ft_home: Path, redis_url: str) -> Settings:
     return Settings(home=ft_home, redis_url=redis_url, queue_name=f"tuneworks:test:{ft_home.parent.name}")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process build the same `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        env[f"FT_{name.upper()}"] = str(value)
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def tuneworks(*args: str, settings: Settings, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run the `tuneworks` CLI as a user would, with `settings` as its FT_* environment."""
+    return subprocess.run(
+        [str(REPO / ".venv" / "bin" / "tuneworks"), *args],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+class ApiServer:
+    """A real `tuneworks api` process (uvicorn) and a key of one project."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        self.port = settings.api_port
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._log = log.open("w")
+        self.proc = subprocess.Popen(
+            [str(REPO / ".venv" / "bin" / "tuneworks"), "api"],
+            env=settings_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, timeout=60, proc=self.proc)
+        self.key = self.new_key("proj-test")
+
+    def new_key(self, project: str) -> str:
+        return tuneworks("keys", "create", "--project", project, settings=self.settings).stdout.strip()
+
+    def client(self, key: str | None = None, **kwargs: object):  # type: ignore[no-untyped-def]
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key=key or self.key, max_retries=0, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture
+def api_factory(tmp_path: Path) -> Iterator:
+    """Start API processes with given settings: `api_factory(settings)`; all are stopped at teardown."""
+    servers: list[ApiServer] = []
+
+    def start(settings: Settings) -> ApiServer:
+        settings = settings.model_copy(update={"api_port": free_port()})
+        server = ApiServer(settings, tmp_path / f"api-{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def api(api_factory, settings: Settings) -> ApiServer:  # type: ignore[no-untyped-def]
+    """A running API on a fresh FT_HOME and the session's Redis."""
+    return api_factory(settings)
