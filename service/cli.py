@@ -23,8 +23,12 @@ def _parser() -> argparse.ArgumentParser:
         ("worker", "run an arq worker that validates files and trains adapters"),
         ("serve", "run and supervise the vLLM servers and keep adapters loaded"),
     ]:
-        sub.add_parser(name, help=text, epilog=env_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    keys = sub.add_parser("keys", help="create or revoke API keys").add_subparsers(dest="keys_command", required=True)
+        sub.add_parser(
+            name, help=text, epilog=env_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    keys = sub.add_parser("keys", help="create or revoke API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
     create = keys.add_parser("create", help="print a new API key for a project (the only line on stdout)")
     create.add_argument("--project", required=True, help="project name (created when new)")
     revoke = keys.add_parser("revoke", help="revoke an API key")

@@ -128,9 +128,16 @@ def add_event(
 
 
 def _event(
-    job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict[str, Any] | None = None
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
 ) -> JobEventRow:
-    return JobEventRow(id=new_id("ftevent-"), job_id=job_id, message=message, level=level, type=type, data=data)
+    return JobEventRow(
+        id=new_id("ftevent-"), job_id=job_id, message=message, level=level, type=type, data=data
+    )
 
 
 def _load(session: Session, job_id: str) -> JobRow:

@@ -21,7 +21,9 @@ HTTP_LATENCY = Histogram(
     ["method", "route"],
     buckets=_LATENCY_BUCKETS,
 )
-FILES_UPLOADED = Counter("ft_files_uploaded_total", "Files uploaded, by purpose and status.", ["purpose", "status"])
+FILES_UPLOADED = Counter(
+    "ft_files_uploaded_total", "Files uploaded, by purpose and status.", ["purpose", "status"]
+)
 UPLOAD_BYTES = Counter("ft_upload_bytes_total", "Bytes received in file uploads.")
 
 # --- jobs and queue ----------------------------------------------------------------------------------------
@@ -29,7 +31,9 @@ JOBS_CREATED = Counter("ft_jobs_created_total", "Fine-tuning jobs created.", ["b
 JOB_TRANSITIONS = Counter(
     "ft_job_transitions_total", "Job status changes, by the status moved to.", ["base_model", "status"]
 )
-JOBS_BY_STATUS = Gauge("ft_jobs", "Jobs currently in each status (read from the database at scrape).", ["status"])
+JOBS_BY_STATUS = Gauge(
+    "ft_jobs", "Jobs currently in each status (read from the database at scrape).", ["status"]
+)
 QUEUE_DEPTH = Gauge("ft_queue_depth", "arq jobs waiting in the Redis queue (read at scrape).")
 JOBS_REQUEUED = Counter(
     "ft_jobs_requeued_total", "Jobs the reconciler put back on the queue.", ["reason"]

@@ -62,34 +62,52 @@ class Settings(BaseSettings):
     )
     job_timeout_seconds: int = Field(default=7 * 24 * 3600, description="Longest a training run may take.")
     lease_seconds: int = Field(
-        default=30, description="A running job whose worker has not renewed its lease for this long is requeued."
+        default=30,
+        description="A running job whose worker has not renewed its lease for this long is requeued.",
     )
     reconcile_seconds: int = Field(
         default=10, description="How often the worker's reconciler re-enqueues lost jobs and expired leases."
     )
-    checkpoints_keep: int = Field(default=3, description="Epoch checkpoints kept per job (older ones deleted).")
+    checkpoints_keep: int = Field(
+        default=3, description="Epoch checkpoints kept per job (older ones deleted)."
+    )
     resume_state_seconds: float = Field(
-        default=120.0, description="Resume state (adapter, optimizer, RNG, data position) is saved at least this often."
+        default=120.0,
+        description="Resume state (adapter, optimizer, RNG, data position) is saved at least this often.",
     )
     train_threads: int = Field(default=0, description="torch threads for CPU training; 0 = all cores.")
     train_device: str = Field(default="auto", description="auto, cpu or cuda.")
     worker_concurrency: int = Field(default=1, description="Jobs one worker trains at once.")
-    worker_metrics_port: int = Field(default=9101, description="Port of the worker's Prometheus /metrics (0 = off).")
+    worker_metrics_port: int = Field(
+        default=9101, description="Port of the worker's Prometheus /metrics (0 = off)."
+    )
     vllm_host: str = Field(default="127.0.0.1", description="Address the vLLM servers listen on.")
-    vllm_base_port: int = Field(default=8100, description="Port of the first vLLM server; the next model gets +1.")
+    vllm_base_port: int = Field(
+        default=8100, description="Port of the first vLLM server; the next model gets +1."
+    )
     vllm_urls: str = Field(
         default="{}",
         description='JSON map base model -> vLLM URL, for servers run elsewhere (Kubernetes): {"org/m": "http://vllm-m:8000"}.',
     )
-    vllm_max_loras: int = Field(default=4, description="Adapters batched at once per vLLM server (--max-loras).")
-    vllm_max_cpu_loras: int = Field(default=16, description="Adapters cached in CPU memory (--max-cpu-loras).")
+    vllm_max_loras: int = Field(
+        default=4, description="Adapters batched at once per vLLM server (--max-loras)."
+    )
+    vllm_max_cpu_loras: int = Field(
+        default=16, description="Adapters cached in CPU memory (--max-cpu-loras)."
+    )
     vllm_max_lora_rank: int = Field(default=64, description="Largest LoRA rank served (--max-lora-rank).")
     vllm_max_model_len: int = Field(default=2048, description="Context length of the vLLM servers.")
-    vllm_kv_cache_gib: int = Field(default=1, description="KV cache size on the CPU (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_kv_cache_gib: int = Field(
+        default=1, description="KV cache size on the CPU (VLLM_CPU_KVCACHE_SPACE)."
+    )
     vllm_gpu_memory_utilization: float = Field(default=0.85, description="GPU memory share for vLLM on CUDA.")
     vllm_dtype: str = Field(default="bfloat16", description="vLLM --dtype.")
-    vllm_extra_args: str = Field(default="", description="Extra vLLM command-line arguments, space-separated.")
-    vllm_start_timeout: float = Field(default=300.0, description="Seconds to wait for a vLLM server to be healthy.")
+    vllm_extra_args: str = Field(
+        default="", description="Extra vLLM command-line arguments, space-separated."
+    )
+    vllm_start_timeout: float = Field(
+        default=300.0, description="Seconds to wait for a vLLM server to be healthy."
+    )
     inference_timeout: float = Field(default=600.0, description="Gateway timeout for one inference request.")
     log_level: str = Field(default="INFO", description="Python logging level.")
 

@@ -7,6 +7,7 @@ dies is restarted with backoff; Ctrl-C or SIGTERM stops every child's group clea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -56,10 +57,8 @@ class Child:
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -66,7 +66,9 @@ class JobRow(SQLModel, table=True):
     finished_at: int | None = None
     started_at: int | None = None
     error: dict | None = _json(None)
-    hyperparameters: dict = _json(dict)  # what the user asked for ("auto" or numbers), then the resolved values
+    hyperparameters: dict = _json(
+        dict
+    )  # what the user asked for ("auto" or numbers), then the resolved values
     method: dict = _json(dict)
     lora: dict = _json(dict)  # extension: rank, alpha, dropout, target_modules
     result_files: list = _json(list)
@@ -80,7 +82,9 @@ class JobRow(SQLModel, table=True):
     suffix: str | None = None
     evaluation: dict | None = _json(None)  # extension: metrics on the validation data at the end
     attempts: int = 0  # training attempts started (crash recovery bound)
-    queue_token: str | None = None  # arq job id of the latest enqueue (the reconciler checks it is still there)
+    queue_token: str | None = (
+        None  # arq job id of the latest enqueue (the reconciler checks it is still there)
+    )
     lease_owner: str | None = None
     lease_expires_at: float | None = None
     step: int = 0  # last completed optimizer step
