@@ -1,0 +1,501 @@
+"""Drift of live inference traffic against the prompts a fine-tuned model was trained on.
+
+No model is involved: each prompt is reduced to cheap features (hashed character 3-grams, a log2 length
+bucket, the share of each script or character class, and which of its words the training data knew). At job
+success the worker saves `build_profile(training user prompts)` as JSON under `profile_key(job_id)`; the
+gateway calls `observe(store=, model=, job_id=, prompt=)` for every completion, and a process-wide
+`DriftMonitor` keeps a bounded window of recent prompts per fine-tuned model and exports:
+
+- `ft_drift_score{model}`: Jensen-Shannon divergence (base 2, 0..1) between the window's feature distribution
+  and the profile's. The distribution is the three feature families side by side with fixed masses
+  (3-grams 1/2, lengths 1/4, scripts 1/4), so the score is the same weighted mean of the families' own JS
+  divergences.
+- `ft_drift_out_of_distribution_ratio{model}`: share of window prompts whose length lies outside the training
+  range (with a factor-2 margin) or whose share of words unseen in training exceeds the profile's threshold.
+- `ft_drift_window_prompts{model}`: prompts in the window.
+
+Both sides must reduce a request to text the same way: `prompt_of_messages` for chat, the prompt itself for
+completions.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import math
+import re
+import threading
+import time
+import zlib
+from array import array
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service import metrics
+from service.storage import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+NGRAM_N = 3
+NGRAM_BUCKETS = 1024
+VOCAB_BITS = 1 << 16  # a Bloom-like bitset of hashed training words (8 KiB)
+LENGTH_BUCKETS = 24  # bucket b holds prompts of 2**(b-1) <= chars < 2**b characters; bucket 0 is empty text
+SCRIPTS = ("latin", "digit", "space", "punct", "cyrillic", "greek", "cjk", "arabic", "other")
+FEATURE_CHARS = 2048  # characters of a prompt that feed n-grams, scripts and words (the length is exact)
+PROFILE_SAMPLE = 5000  # most training prompts the profile reads for n-grams and words (evenly spaced)
+LENGTH_MARGIN = 2.0  # a prompt is out of range when shorter than min/2 or longer than max*2
+_WEIGHTS = (0.5, 0.25, 0.25)  # masses of the 3-gram, length and script families
+_WORD = re.compile(r"\w+")
+_SPACES = re.compile(r"\s+")
+
+
+def profile_key(job_id: str) -> str:
+    """The artifact store key of a job's drift profile."""
+    return f"jobs/{job_id}/drift_profile.json"
+
+
+def prompt_of_messages(messages: Iterable[Any]) -> str:
+    """The text drift looks at in a chat request: the user messages' text, joined by newlines.
+
+    Args:
+        messages: OpenAI chat messages (dicts with `role` and `content`; content a string or a list of parts).
+
+    Returns:
+        The joined text ("" when there is no user text).
+    """
+    texts: list[str] = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(
+                str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+            )
+    return "\n".join(texts)
+
+
+# --- features of one prompt --------------------------------------------------------------------------------
+
+
+def _script(char: str) -> int:
+    code = ord(char)
+    if char.isspace():
+        return 2
+    if code < 128:
+        if char.isalpha():
+            return 0
+        return 1 if char.isdigit() else 3
+    for index, (low, high) in _SCRIPT_RANGES:
+        if low <= code <= high:
+            return index
+    return 0 if char.isalpha() and code <= 0x24F else 8
+
+
+_SCRIPT_RANGES = (
+    (0, (0xC0, 0x24F)),  # Latin-1 letters and Latin Extended
+    (5, (0x370, 0x3FF)),  # Greek
+    (4, (0x400, 0x52F)),  # Cyrillic
+    (7, (0x600, 0x6FF)),  # Arabic
+    (6, (0x3040, 0x30FF)),  # kana
+    (6, (0x4E00, 0x9FFF)),  # CJK ideographs
+    (6, (0xAC00, 0xD7AF)),  # Hangul
+    (3, (0x2000, 0x206F)),  # general punctuation
+)
+
+
+def _length_bucket(length: int) -> int:
+    return min(LENGTH_BUCKETS - 1, length.bit_length())
+
+
+def _ngram_buckets(text: str) -> array:
+    padded = " " + _SPACES.sub(" ", text[:FEATURE_CHARS].lower()).strip() + " "
+    grams = (padded[i : i + NGRAM_N] for i in range(max(0, len(padded) - NGRAM_N + 1)))
+    return array("H", (zlib.crc32(g.encode("utf-8", "replace")) % NGRAM_BUCKETS for g in grams))
+
+
+def _word_bits(text: str) -> set[int]:
+    words = set(_WORD.findall(text[:FEATURE_CHARS].lower()))
+    return {zlib.crc32(w.encode("utf-8", "replace")) % VOCAB_BITS for w in words}
+
+
+@dataclass(frozen=True)
+class PromptFeatures:
+    """What the drift window remembers of one prompt."""
+
+    ngrams: array  # bucket of every 3-gram (with repeats)
+    length: int
+    scripts: tuple[int, ...]  # characters per SCRIPTS entry
+    words: frozenset[int]  # hashed distinct words
+
+    @classmethod
+    def of(cls, text: str) -> PromptFeatures:
+        scripts = [0] * len(SCRIPTS)
+        for char in text[:FEATURE_CHARS]:
+            scripts[_script(char)] += 1
+        return cls(_ngram_buckets(text), len(text), tuple(scripts), frozenset(_word_bits(text)))
+
+
+# --- the profile of the training prompts -------------------------------------------------------------------
+
+
+class _Bits:
+    def __init__(self, data: bytes | None = None) -> None:
+        self.data = bytearray(data) if data is not None else bytearray(VOCAB_BITS // 8)
+
+    def add(self, bits: Iterable[int]) -> None:
+        for bit in bits:
+            self.data[bit >> 3] |= 1 << (bit & 7)
+
+    def novelty(self, bits: frozenset[int]) -> float:
+        """Share of `bits` not set (0 for a prompt without words)."""
+        if not bits:
+            return 0.0
+        unseen = sum(1 for bit in bits if not self.data[bit >> 3] & (1 << (bit & 7)))
+        return unseen / len(bits)
+
+
+def _sample(prompts: Sequence[str], limit: int) -> list[str]:
+    if len(prompts) <= limit:
+        return list(prompts)
+    step = len(prompts) / limit
+    return [prompts[int(i * step)] for i in range(limit)]
+
+
+def _novelty_threshold(features: list[PromptFeatures]) -> float:
+    """Word novelty above which a prompt counts as out of distribution.
+
+    Estimated by two-fold cross-checking: the novelty of odd-indexed prompts against the words of the even ones
+    is what a new in-distribution prompt looks like to a profile of about that size (a slight overestimate).
+    """
+    known = _Bits()
+    for feat in features[::2]:
+        known.add(feat.words)
+    held_out = sorted(known.novelty(f.words) for f in features[1::2])
+    q99 = held_out[min(len(held_out) - 1, int(0.99 * len(held_out)))] if held_out else 1.0
+    return round(min(0.9, max(0.4, q99 + 0.1)), 4)
+
+
+def _normalised(counts: Sequence[int]) -> list[float]:
+    total = sum(counts)
+    return [round(c / total, 8) if total else 0.0 for c in counts]
+
+
+def build_profile(prompts: list[str]) -> dict[str, Any]:
+    """The drift reference of a model: feature distributions and ranges of its training prompts.
+
+    Args:
+        prompts: the training examples' user prompts (`prompt_of_messages` of each chat example, or the
+            legacy `prompt`). Up to PROFILE_SAMPLE evenly spaced prompts feed the n-grams, scripts and words;
+            the length distribution and range use all of them.
+
+    Returns:
+        A JSON-serialisable dict (about 20 KB as JSON), the input of `DriftMonitor` and `observe`.
+
+    Raises:
+        ValueError: when `prompts` is empty.
+    """
+    if not prompts:
+        raise ValueError("`prompts` is empty: a drift profile needs at least one training prompt")
+    features = [PromptFeatures.of(p) for p in _sample(prompts, PROFILE_SAMPLE)]
+    ngrams = [0] * NGRAM_BUCKETS
+    scripts = [0] * len(SCRIPTS)
+    vocabulary = _Bits()
+    for feat in features:
+        for bucket in feat.ngrams:
+            ngrams[bucket] += 1
+        scripts = [a + b for a, b in zip(scripts, feat.scripts, strict=True)]
+        vocabulary.add(feat.words)
+    lengths = [0] * LENGTH_BUCKETS
+    for prompt in prompts:
+        lengths[_length_bucket(len(prompt))] += 1
+    return {
+        "version": PROFILE_VERSION,
+        "prompts": len(prompts),
+        "ngram_n": NGRAM_N,
+        "ngrams": _normalised(ngrams),
+        "lengths": _normalised(lengths),
+        "scripts": dict(zip(SCRIPTS, _normalised(scripts), strict=True)),
+        "ranges": {
+            "length_min": min(len(p) for p in prompts),
+            "length_max": max(len(p) for p in prompts),
+            "novelty_max": _novelty_threshold(features),
+        },
+        "vocabulary": base64.b64encode(bytes(vocabulary.data)).decode("ascii"),
+    }
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """A parsed, validated profile."""
+
+    distribution: list[float]  # the three families side by side, weighted, summing to 1
+    length_min: int
+    length_max: int
+    novelty_max: float
+    vocabulary: _Bits
+
+    @classmethod
+    def parse(cls, profile: dict[str, Any]) -> _Reference:
+        if profile.get("version") != PROFILE_VERSION:
+            raise ValueError(f"unsupported drift profile version {profile.get('version')!r}")
+        ngrams, lengths = list(profile["ngrams"]), list(profile["lengths"])
+        scripts = [float(profile["scripts"].get(name, 0.0)) for name in SCRIPTS]
+        if len(ngrams) != NGRAM_BUCKETS or len(lengths) != LENGTH_BUCKETS:
+            raise ValueError("drift profile has the wrong number of buckets")
+        ranges = profile["ranges"]
+        vocabulary = base64.b64decode(profile["vocabulary"])
+        if len(vocabulary) != VOCAB_BITS // 8:
+            raise ValueError("drift profile vocabulary has the wrong size")
+        return cls(
+            _combine([float(x) for x in ngrams], [float(x) for x in lengths], scripts),
+            int(ranges["length_min"]),
+            int(ranges["length_max"]),
+            float(ranges["novelty_max"]),
+            _Bits(vocabulary),
+        )
+
+    def out_of_distribution(self, feat: PromptFeatures) -> bool:
+        too_short = feat.length * LENGTH_MARGIN < self.length_min
+        too_long = feat.length > self.length_max * LENGTH_MARGIN
+        return too_short or too_long or self.vocabulary.novelty(feat.words) > self.novelty_max
+
+
+def _combine(*families: Sequence[float]) -> list[float]:
+    out: list[float] = []
+    for weight, family in zip(_WEIGHTS, families, strict=True):
+        total = sum(family)
+        out.extend(weight * x / total if total else 0.0 for x in family)
+    return out
+
+
+def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
+    """Jensen-Shannon divergence, base 2 (0 for equal distributions, 1 for disjoint ones)."""
+    total = 0.0
+    for a, b in zip(p, q, strict=True):
+        m = (a + b) / 2
+        if a > 0:
+            total += a * math.log2(a / m)
+        if b > 0:
+            total += b * math.log2(b / m)
+    return min(1.0, max(0.0, total / 2))
+
+
+# --- the live window ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """Recent prompts of one model, with running sums so that adding and evicting are O(prompt)."""
+
+    reference: _Reference
+    size: int
+    prompts: deque[tuple[PromptFeatures, bool]] = field(default_factory=deque)
+    ngrams: Counter[int] = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=lambda: [0] * LENGTH_BUCKETS)
+    scripts: list[int] = field(default_factory=lambda: [0] * len(SCRIPTS))
+    ood: int = 0
+    seen: int = 0
+
+    def add(self, feat: PromptFeatures) -> None:
+        ood = self.reference.out_of_distribution(feat)
+        self.prompts.append((feat, ood))
+        self._count(feat, ood, +1)
+        self.seen += 1
+        if len(self.prompts) > self.size:
+            old, old_ood = self.prompts.popleft()
+            self._count(old, old_ood, -1)
+
+    def _count(self, feat: PromptFeatures, ood: bool, sign: int) -> None:
+        for bucket, n in Counter(feat.ngrams).items():
+            self.ngrams[bucket] += sign * n
+            if not self.ngrams[bucket]:
+                del self.ngrams[bucket]
+        self.lengths[_length_bucket(feat.length)] += sign
+        self.scripts = [a + sign * b for a, b in zip(self.scripts, feat.scripts, strict=True)]
+        self.ood += sign * int(ood)
+
+    def score(self) -> float:
+        ngrams = [float(self.ngrams.get(b, 0)) for b in range(NGRAM_BUCKETS)]
+        live = _combine(ngrams, [float(x) for x in self.lengths], [float(x) for x in self.scripts])
+        return js_divergence(live, self.reference.distribution)
+
+
+ProfileLoader = Callable[[], dict[str, Any] | None]
+
+
+class DriftMonitor:
+    """Per fine-tuned model, a bounded window of recent prompts compared with the model's training profile.
+
+    Thread-safe; `observe` never raises. Models are kept in least-recently-observed order and the oldest is
+    forgotten past `max_models`, so memory stays bounded (roughly `window` x 4 KiB per model at worst).
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = 200,
+        every: int = 10,
+        max_models: int = 256,
+        retry_missing_seconds: float = 300.0,
+    ) -> None:
+        if window < 1 or every < 1 or max_models < 1:
+            raise ValueError("`window`, `every` and `max_models` must be at least 1")
+        self.window, self.every, self.max_models = window, every, max_models
+        self.retry_missing_seconds = retry_missing_seconds
+        self._lock = threading.Lock()
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self._missing: dict[str, float] = {}  # model -> monotonic time its profile was last found missing
+
+    def observe(self, model: str, prompt: str, profile_loader: ProfileLoader) -> None:
+        """Add one prompt of `model` to its window; recompute the gauges every `every` prompts.
+
+        Args:
+            model: the fine-tuned model name (the gauges' `model` label).
+            prompt: the request's text (see `prompt_of_messages`).
+            profile_loader: returns the model's profile (`build_profile` output) or None when there is none;
+                called only until a profile is found, and at most every `retry_missing_seconds` when missing.
+        """
+        try:
+            self._observe(model, prompt, profile_loader)
+        except Exception:  # drift is advisory: it must never break a completion
+            logger.warning("drift observation failed for model %s", model, exc_info=True)
+
+    def _observe(self, model: str, prompt: str, profile_loader: ProfileLoader) -> None:
+        window = self._window(model, profile_loader)
+        if window is None:
+            return
+        feat = PromptFeatures.of(prompt if isinstance(prompt, str) else str(prompt))
+        with self._lock:
+            if self._windows.get(model) is not window:
+                return  # forgotten meanwhile
+            window.add(feat)
+            if (window.seen - 1) % self.every:
+                return
+            metrics.DRIFT_SCORE.labels(model).set(window.score())
+            metrics.DRIFT_OOD_RATIO.labels(model).set(window.ood / len(window.prompts))
+            metrics.DRIFT_WINDOW.labels(model).set(len(window.prompts))
+
+    def _window(self, model: str, profile_loader: ProfileLoader) -> _Window | None:
+        with self._lock:
+            window = self._windows.get(model)
+            if window is not None:
+                self._windows.move_to_end(model)
+                return window
+            missing_since = self._missing.get(model)
+            if missing_since is not None and time.monotonic() - missing_since < self.retry_missing_seconds:
+                return None
+        reference = self._load(model, profile_loader)
+        with self._lock:
+            if reference is None:
+                self._missing[model] = time.monotonic()
+                return None
+            self._missing.pop(model, None)
+            window = self._windows.setdefault(model, _Window(reference, self.window))
+            self._windows.move_to_end(model)
+            self._evict()
+            return window
+
+    def _load(self, model: str, profile_loader: ProfileLoader) -> _Reference | None:
+        profile = profile_loader()
+        if profile is None:
+            logger.info("no drift profile for model %s", model)
+            return None
+        try:
+            return _Reference.parse(profile)
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("unusable drift profile for model %s: %s", model, exc)
+            return None
+
+    def _evict(self) -> None:
+        while len(self._windows) > self.max_models:
+            name, _ = self._windows.popitem(last=False)
+            _remove_series(name)
+            logger.info("drift window of model %s evicted (more than %d models)", name, self.max_models)
+
+    def forget(self, model: str) -> None:
+        """Drop `model`'s window, cached profile and gauge series (call when the model is deleted)."""
+        with self._lock:
+            self._windows.pop(model, None)
+            self._missing.pop(model, None)
+            _remove_series(model)
+
+    def models(self) -> list[str]:
+        """Models with a live window, least recently observed first."""
+        with self._lock:
+            return list(self._windows)
+
+
+def _remove_series(model: str) -> None:
+    for gauge in (metrics.DRIFT_SCORE, metrics.DRIFT_OOD_RATIO, metrics.DRIFT_WINDOW):
+        with contextlib.suppress(KeyError):
+            gauge.remove(model)
+
+
+# --- the process-wide monitor the gateway uses -------------------------------------------------------------
+
+MONITOR = DriftMonitor()
+
+
+def load_profile(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
+    """The drift profile saved for `job_id`, or None when there is none or it cannot be read.
+
+    Args:
+        store: the artifact store.
+        job_id: the fine-tuning job id (`ftjob-...`).
+
+    Returns:
+        The parsed profile dict, or None.
+    """
+    try:
+        key = profile_key(job_id)
+        if not store.exists(key):
+            return None
+        with store.open(key) as handle:
+            value = json.load(handle)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot read drift profile of job %s: %s", job_id, exc)
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def save_profile(store: ArtifactStore, job_id: str, prompts: list[str]) -> None:
+    """Build the drift profile of `prompts` and save it under `profile_key(job_id)` (atomically).
+
+    Args:
+        store: the artifact store.
+        job_id: the fine-tuning job id.
+        prompts: the training user prompts.
+
+    Raises:
+        ValueError: when `prompts` is empty.
+    """
+    store.write_bytes(profile_key(job_id), json.dumps(build_profile(prompts)).encode())
+    logger.info("saved drift profile of job %s (%d prompts)", job_id, len(prompts))
+
+
+def observe(store: ArtifactStore, model: str, job_id: str, prompt: str) -> None:
+    """Record one prompt sent to fine-tuned `model` (trained by `job_id`) in the process-wide monitor.
+
+    Cheap (about a millisecond for a 2 KB prompt), thread-safe, and never raises; a model without a saved
+    profile is a no-op (the store is checked again at most every 5 minutes).
+
+    Args:
+        store: the artifact store holding `jobs/<job_id>/drift_profile.json`.
+        model: the fine-tuned model name the request used.
+        job_id: the job that trained it.
+        prompt: the request's text (`prompt_of_messages(messages)` for chat).
+    """
+    MONITOR.observe(model, prompt, lambda: load_profile(store, job_id))
+
+
+def forget(model: str) -> None:
+    """Drop a deleted model's drift window and its `ft_drift_*` series from the process-wide monitor."""
+    MONITOR.forget(model)
