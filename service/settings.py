@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         default=9101, description="Port of the worker's Prometheus /metrics (0 = off)."
     )
+    serve_metrics_port: int = Field(
+        default=9102, description="Port of `tuneworks serve`'s Prometheus /metrics (0 = off)."
+    )
     vllm_host: str = Field(default="127.0.0.1", description="Address the vLLM servers listen on.")
     vllm_base_port: int = Field(
         default=8100, description="Port of the first vLLM server; the next model gets +1."
