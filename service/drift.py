@@ -377,8 +377,8 @@ class DriftMonitor:
             if self._windows.get(model) is not window:
                 return  # forgotten meanwhile
             window.add(feat)
-            if (window.seen - 1) % self.every:
-                return
+            if window.seen % self.every and window.seen != 1:
+                return  # the gauges are recomputed on the first prompt and then on every `every`-th
             metrics.DRIFT_SCORE.labels(model).set(window.score())
             metrics.DRIFT_OOD_RATIO.labels(model).set(window.ood / len(window.prompts))
             metrics.DRIFT_WINDOW.labels(model).set(len(window.prompts))
