@@ -160,8 +160,8 @@ def test_a_ten_example_training_set_still_separates() -> None:
     print(
         f"\ndrift, 10 training prompts, window 50: in-distribution {same:.4f}/{same_ood:.2f}, code {code:.4f}/{code_ood:.2f}"
     )
-    assert same < 0.05 and same_ood < 0.1
-    assert code > 0.3 and code_ood > 0.9
+    assert same < 0.15 and same_ood < 0.1
+    assert code > 4 * same and code_ood > 0.9
 
 
 def test_score_grows_with_the_share_of_shifted_traffic(profile: dict) -> None:
