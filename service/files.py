@@ -1,0 +1,310 @@
+"""Files: streamed multipart upload into the artifact store, validation of training files, listing, deletion.
+
+The upload is parsed with python-multipart's streaming parser straight from the request body: file bytes go to
+the artifact store chunk by chunk (never the whole file in memory), the size limit is enforced while reading, and
+a refused upload leaves nothing behind. `fine-tune` files are then validated line by line (`validation.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy import or_
+from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
+
+from service import metrics
+from service.errors import APIError, InvalidRequest, PayloadTooLarge, not_found
+from service.ids import new_id, now
+from service.job_status import TERMINAL
+from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
+from service.storage import ArtifactStore
+from service.tables import FileRow, JobRow
+from service.validation import validate_jsonl
+
+logger = logging.getLogger(__name__)
+
+MIN_EXPIRY, MAX_EXPIRY = 3600, 2592000  # expires_after[seconds] range
+BATCH_EXPIRY = 30 * 24 * 3600  # batch files expire after 30 days unless told otherwise
+MAX_FIELD_BYTES = 4096  # a non-file form field longer than this is refused
+
+
+def to_openai(row: FileRow) -> FileObject:
+    return FileObject(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=row.created_at,
+        filename=row.filename,
+        purpose=row.purpose,
+        status=row.status,
+        expires_at=row.expires_at,
+        status_details=row.status_details,
+    )
+
+
+# --- upload ------------------------------------------------------------------------------------------------
+@dataclass
+class _Part:
+    name: str = ""
+    filename: str | None = None
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+
+
+class UploadReader:
+    """Parses a multipart body; the `file` part is written to `sink`, the other fields are kept as text."""
+
+    def __init__(self, boundary: bytes, sink: BinaryIO, *, limit: int) -> None:
+        self.sink, self.limit = sink, limit
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self.size = 0
+        self._part = _Part()
+        self._header = [b"", b""]
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._begin,
+                "on_header_field": lambda d, s, e: self._extend(0, d[s:e]),
+                "on_header_value": lambda d, s, e: self._extend(1, d[s:e]),
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_done,
+                "on_part_data": self._data,
+                "on_part_end": self._end,
+            },
+        )
+
+    def _begin(self) -> None:
+        self._part = _Part()
+
+    def _extend(self, index: int, data: bytes) -> None:
+        self._header[index] += data
+
+    def _header_end(self) -> None:
+        self._part.headers[self._header[0].lower()] = self._header[1]
+        self._header = [b"", b""]
+
+    def _headers_done(self) -> None:
+        _, options = parse_options_header(self._part.headers.get(b"content-disposition", b""))
+        self._part.name = options.get(b"name", b"").decode("utf-8", "replace")
+        if b"filename" in options and self._part.name == "file":
+            if self.filename is not None:
+                raise InvalidRequest("Only one `file` part is allowed.", param="file")
+            self.filename = options[b"filename"].decode("utf-8", "replace")[:512] or "upload"
+            self._part.filename = self.filename
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._part.filename is not None:
+            self.size += end - start
+            if self.size > self.limit:
+                raise PayloadTooLarge(f"File is larger than the limit of {self.limit} bytes.", param="file")
+            self.sink.write(data[start:end])
+            return
+        self._part.data += data[start:end]
+        if len(self._part.data) > MAX_FIELD_BYTES:
+            raise InvalidRequest(
+                f"Form field `{self._part.name}` is too long.", param=self._part.name or None
+            )
+
+    def _end(self) -> None:
+        if self._part.filename is None:
+            self.fields[self._part.name] = self._part.data.decode("utf-8", "replace")
+
+    async def read(self, stream: AsyncIterator[bytes]) -> None:
+        """Feed the whole body to the parser. On a refusal the rest of the body is read and dropped, so that
+        the client, still sending, gets the error response instead of a broken connection."""
+        try:
+            async for chunk in stream:
+                self._parser.write(chunk)
+            self._parser.finalize()
+        except MultipartParseError as exc:
+            raise InvalidRequest(f"Malformed multipart body: {exc}", param="file") from None
+        except APIError:
+            async for _ in stream:
+                pass
+            raise
+
+
+def boundary_of(content_type: str) -> bytes:
+    """The multipart boundary of a `Content-Type` header.
+
+    Raises:
+        InvalidRequest: the body is not multipart/form-data.
+    """
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data" or not options.get(b"boundary"):
+        raise InvalidRequest(
+            "Uploads must be multipart/form-data with a `file` and a `purpose` field.", param="file"
+        )
+    return options[b"boundary"]
+
+
+async def upload(
+    *,
+    session: Session,
+    store: ArtifactStore,
+    project_id: str,
+    content_type: str,
+    stream: AsyncIterator[bytes],
+    limit: int,
+) -> FileObject:
+    """Store an uploaded file and validate it when its purpose is `fine-tune`.
+
+    Args:
+        session: database session.
+        store: artifact store that receives the bytes under `files/<file id>`.
+        project_id: owner of the file.
+        content_type: the request's `Content-Type` (multipart boundary).
+        stream: the request body.
+        limit: largest file accepted, in bytes.
+
+    Returns:
+        The new file, `processed` or `error` (with `status_details` naming the first bad line).
+
+    Raises:
+        InvalidRequest: a missing or bad `file`, `purpose` or `expires_after` field (nothing is kept).
+        PayloadTooLarge: the file is over `limit` bytes (nothing is kept).
+    """
+    file_id = new_id("file-")
+    key = f"files/{file_id}"
+    with store.writer(key) as sink:
+        reader = UploadReader(boundary_of(content_type), sink, limit=limit)
+        await reader.read(stream)
+        purpose, expires_at = _check_fields(reader)
+    try:
+        row = FileRow(
+            id=file_id, project_id=project_id, bytes=reader.size, filename=reader.filename or "upload",
+            purpose=purpose, storage_key=key, status="processed",
+        )  # fmt: skip
+        row.expires_at = expires_at(row.created_at)
+        if purpose == "fine-tune":
+            await run_in_threadpool(_validate, row, store)
+        session.add(row)
+        session.commit()
+    except BaseException:
+        store.delete(key)
+        raise
+    metrics.FILES_UPLOADED.labels(purpose=purpose, status=row.status).inc()
+    metrics.UPLOAD_BYTES.inc(row.bytes)
+    logger.info("file %s: uploaded %d bytes, purpose %s, status %s", file_id, row.bytes, purpose, row.status)
+    return to_openai(row)
+
+
+def _check_fields(reader: UploadReader) -> tuple[str, Callable[[int], int | None]]:
+    if reader.filename is None:
+        raise InvalidRequest("Missing the `file` part of the upload.", param="file")
+    purpose = reader.fields.get("purpose")
+    if purpose not in USER_PURPOSES:
+        raise InvalidRequest(
+            f"Invalid purpose {purpose!r}: expected one of {', '.join(USER_PURPOSES)}.", param="purpose"
+        )
+    anchor = reader.fields.get("expires_after[anchor]")
+    seconds = reader.fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return purpose, lambda created: created + BATCH_EXPIRY if purpose == "batch" else None
+    if anchor != "created_at":
+        raise InvalidRequest("`expires_after[anchor]` must be `created_at`.", param="expires_after.anchor")
+    if seconds is None or not seconds.isdigit() or not MIN_EXPIRY <= int(seconds) <= MAX_EXPIRY:
+        raise InvalidRequest(
+            f"`expires_after[seconds]` must be an integer from {MIN_EXPIRY} to {MAX_EXPIRY}.",
+            param="expires_after.seconds",
+        )
+    return purpose, lambda created: created + int(seconds)
+
+
+def _validate(row: FileRow, store: ArtifactStore) -> None:
+    with store.open(row.storage_key) as handle:
+        report = validate_jsonl(handle)
+    row.data_format, row.n_examples = report.format, report.n_examples
+    if report.counts or report.n_examples == 0:
+        row.status = "error"
+        row.status_details = report.summary() if report.counts else "The file has no examples."
+    else:
+        row.status_details = None
+    if row.status == "error":
+        logger.info("file %s: invalid: %s", row.id, row.status_details)
+
+
+# --- read, list, delete ------------------------------------------------------------------------------------
+def _visible(project_id: str) -> tuple[Any, ...]:
+    return (
+        FileRow.project_id == project_id,
+        col(FileRow.deleted).is_(False),
+        or_(col(FileRow.expires_at).is_(None), col(FileRow.expires_at) > now()),
+    )
+
+
+def get_row(*, session: Session, project_id: str, file_id: str, param: str = "id") -> FileRow:
+    """The project's file `file_id`.
+
+    Raises:
+        NotFound: unknown, deleted, expired or another project's file.
+    """
+    row = session.exec(select(FileRow).where(FileRow.id == file_id, *_visible(project_id))).first()
+    if row is None:
+        raise not_found("File", file_id, param=param)
+    return row
+
+
+def retrieve(*, session: Session, project_id: str, file_id: str) -> FileObject:
+    return to_openai(get_row(session=session, project_id=project_id, file_id=file_id))
+
+
+def list_files(
+    *, session: Session, project_id: str, purpose: str | None, limit: int, order: str, after: str | None
+) -> FileList:
+    """One page of the project's files, ordered by creation (`desc` newest first), after the file `after`."""
+    statement = select(FileRow).where(*_visible(project_id))
+    if purpose is not None:
+        statement = statement.where(FileRow.purpose == purpose)
+    if after is not None:
+        cursor = get_row(session=session, project_id=project_id, file_id=after, param="after")
+        statement = statement.where(
+            col(FileRow.pk) < cursor.pk if order == "desc" else col(FileRow.pk) > cursor.pk
+        )
+    ordering = col(FileRow.pk).desc() if order == "desc" else col(FileRow.pk).asc()
+    rows = list(session.exec(statement.order_by(ordering).limit(limit + 1)).all())
+    data = [to_openai(row) for row in rows[:limit]]
+    return FileList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=len(rows) > limit,
+    )
+
+
+def content(*, session: Session, store: ArtifactStore, project_id: str, file_id: str) -> tuple[FileRow, str]:
+    """The file row and the local path of its bytes."""
+    row = get_row(session=session, project_id=project_id, file_id=file_id)
+    return row, str(store.path(row.storage_key))
+
+
+def delete(*, session: Session, store: ArtifactStore, project_id: str, file_id: str) -> FileDeleted:
+    """Delete a file and its bytes.
+
+    Raises:
+        NotFound: no such file for this project.
+        InvalidRequest: a job that has not finished uses the file.
+    """
+    row = get_row(session=session, project_id=project_id, file_id=file_id)
+    users = session.exec(
+        select(JobRow.id).where(
+            or_(col(JobRow.training_file) == file_id, col(JobRow.validation_file) == file_id),
+            col(JobRow.status).not_in([s.value for s in TERMINAL]),
+        )
+    ).first()
+    if users is not None:
+        raise InvalidRequest(
+            f"File {file_id} is used by job {users}, which has not finished.", param="file_id"
+        )
+    row.deleted = True
+    session.add(row)
+    session.commit()
+    store.delete(row.storage_key)
+    logger.info("file %s: deleted", file_id)
+    return FileDeleted(id=file_id, deleted=True)

@@ -1,0 +1,394 @@
+"""Fine-tuning jobs: creation (checked synchronously, then handed to the worker), listing, state changes, events
+and checkpoints.
+
+A new job is committed together with its first events, and only then enqueued; when Redis is down the job stays
+in `validating_files` and the worker's reconciler enqueues it later. Every status change goes through
+`service.job_status.transition`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from arq.connections import ArqRedis
+from sqlalchemy import String, cast, func
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from service import base_models, metrics, queue
+from service.errors import InvalidRequest, NotFound, not_found
+from service.ids import new_id
+from service.job_status import TERMINAL, IllegalTransition, JobStatus, transition
+from service.protocol import (
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCheckpointList,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
+    JobCreateRequest,
+    JobError,
+    Method,
+    SupervisedMethod,
+)
+from service.settings import Settings
+from service.tables import CheckpointRow, FileRow, JobEventRow, JobRow, Project
+
+logger = logging.getLogger(__name__)
+
+S = JobStatus
+SUPPORTED_METHODS = frozenset(
+    {"supervised"}
+)  # the trainer is supervised only (DPO requests are checked, refused)
+HYPERPARAMETER_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+JOB_ID_PARAM = "fine_tuning_job_id"
+
+
+# --- wire shapes -------------------------------------------------------------------------------------------
+def to_openai(row: JobRow) -> FineTuningJob:
+    hyperparameters = row.hyperparameters or {}
+    return FineTuningJob(
+        id=row.id,
+        created_at=row.created_at,
+        error=_error(row.error),
+        fine_tuned_model=row.fine_tuned_model,
+        finished_at=row.finished_at,
+        hyperparameters={key: hyperparameters.get(key, "auto") for key in HYPERPARAMETER_KEYS},
+        model=row.model,
+        organization_id=row.project_id,
+        result_files=list(row.result_files or []),
+        seed=row.seed,
+        status=row.status,
+        trained_tokens=row.trained_tokens,
+        training_file=row.training_file,
+        validation_file=row.validation_file,
+        estimated_finish=row.estimated_finish,
+        integrations=row.integrations,
+        metadata=row.metadata_ or None,
+        method=row.method,
+        user_provided_suffix=row.suffix,
+        evaluation=row.evaluation,
+        lora=row.lora or {},
+    )
+
+
+def _error(error: dict | None) -> JobError | None:
+    if not error:
+        return None
+    return JobError(code=str(error.get("code") or "internal_error"), message=str(error.get("message", "")),
+                    param=error.get("param"))  # fmt: skip
+
+
+def event_to_openai(row: JobEventRow) -> FineTuningJobEvent:
+    return FineTuningJobEvent(
+        id=row.id,
+        created_at=row.created_at,
+        level=row.level,
+        message=row.message,
+        type=row.type,
+        data=row.data,
+    )
+
+
+def checkpoint_to_openai(row: CheckpointRow) -> FineTuningJobCheckpoint:
+    return FineTuningJobCheckpoint(
+        id=row.id,
+        created_at=row.created_at,
+        fine_tuned_model_checkpoint=row.fine_tuned_model_checkpoint,
+        fine_tuning_job_id=row.job_id,
+        metrics=row.metrics or {},
+        step_number=row.step_number,
+    )
+
+
+# --- create ------------------------------------------------------------------------------------------------
+def create(*, engine: Engine, settings: Settings, project: Project, request: JobCreateRequest) -> JobRow:
+    """Check a create request and commit the job (`validating_files`) with its first events.
+
+    Args:
+        engine: the database.
+        settings: for the base model registry.
+        project: the caller's project (owner of the job and of its files).
+        request: the parsed body.
+
+    Returns:
+        The committed job row; the caller enqueues it.
+
+    Raises:
+        InvalidRequest: unknown model, unusable file, unsupported method, conflicting hyperparameters.
+    """
+    if base_models.get(settings, request.model) is None:
+        known = ", ".join(base_models.known_ids(settings))
+        raise InvalidRequest(
+            f"Model {request.model!r} is not available for fine-tuning. Available models: {known}.",
+            param="model",
+            code="model_not_available",
+        )
+    method, hyperparameters = resolve_method(request)
+    with Session(engine, expire_on_commit=False) as session:
+        _check_file(session, project.id, request.training_file, param="training_file")
+        if request.validation_file is not None:
+            _check_file(session, project.id, request.validation_file, param="validation_file")
+        job = _new_row(project, request, method, hyperparameters)
+        session.add(job)
+        for event in _first_events(job):
+            session.add(event)
+        session.commit()
+    metrics.JOBS_CREATED.labels(base_model=job.model).inc()
+    logger.info("job %s: created for project %s, model %s", job.id, project.name, job.model)
+    return job
+
+
+def resolve_method(request: JobCreateRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stored `method` and `hyperparameters` of a request (the deprecated `hyperparameters` mirrored in).
+
+    Raises:
+        InvalidRequest: unsupported `method.type`, or `hyperparameters` that disagree with `method`.
+    """
+    method = request.method or Method(type="supervised")
+    if method.type == "reinforcement":
+        raise InvalidRequest(
+            "Reinforcement fine-tuning is not supported by this service.", param="method.type"
+        )
+    if method.type not in SUPPORTED_METHODS:
+        raise InvalidRequest(
+            f"method.type {method.type!r} is not supported yet: this service trains supervised LoRA adapters "
+            "(`method.type: supervised`).",
+            param="method.type",
+        )
+    given = method.supervised.hyperparameters if method.supervised is not None else None
+    legacy = request.hyperparameters
+    if legacy is not None and given is not None and legacy.model_dump() != given.model_dump():
+        raise InvalidRequest(
+            "`hyperparameters` (deprecated) and `method.supervised.hyperparameters` disagree; give only one.",
+            param="hyperparameters",
+        )
+    chosen = given or legacy or SupervisedMethod().hyperparameters
+    hyperparameters = chosen.model_dump()
+    return {"type": "supervised", "supervised": {"hyperparameters": dict(hyperparameters)}}, hyperparameters
+
+
+def _check_file(session: Session, project_id: str, file_id: str, *, param: str) -> FileRow:
+    statement = select(FileRow).where(
+        FileRow.id == file_id, FileRow.project_id == project_id, col(FileRow.deleted).is_(False)
+    )
+    row = session.exec(statement).first()
+    if row is None:
+        raise InvalidRequest(f"Invalid file ID: {file_id} (no such file).", param=param, code="invalid_file")
+    if row.purpose != "fine-tune":
+        raise InvalidRequest(
+            f"File {file_id} has purpose {row.purpose!r}; fine-tuning needs purpose 'fine-tune'.",
+            param=param,
+            code="invalid_file_purpose",
+        )
+    return row
+
+
+def _new_row(project: Project, request: JobCreateRequest, method: dict, hyperparameters: dict) -> JobRow:
+    return JobRow(
+        id=new_id("ftjob-"),
+        project_id=project.id,
+        model=request.model,
+        status=S.validating_files.value,
+        hyperparameters=hyperparameters,
+        method=method,
+        lora=request.lora.model_dump(exclude_none=True) if request.lora else {},
+        seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+        training_file=request.training_file,
+        validation_file=request.validation_file,
+        integrations=[i.model_dump(exclude_none=True) for i in request.integrations]
+        if request.integrations
+        else None,
+        metadata_=request.metadata or None,
+        suffix=request.suffix,
+    )
+
+
+def _first_events(job: JobRow) -> list[JobEventRow]:
+    events = [
+        JobEventRow(id=new_id("ftevent-"), job_id=job.id, message="Created fine-tuning job"),
+        JobEventRow(
+            id=new_id("ftevent-"), job_id=job.id, message=f"Validating training file: {job.training_file}"
+        ),
+    ]
+    if job.integrations:
+        text = "Integrations (wandb) are stored but not run: this deployment has no Weights & Biases access"
+        events.append(JobEventRow(id=new_id("ftevent-"), job_id=job.id, level="warn", message=text))
+    return events
+
+
+async def enqueue(
+    *, engine: Engine, redis: ArqRedis | None, settings: Settings, function: str, job_id: str
+) -> bool:
+    """Push a committed job to the queue; when Redis is down, log it and leave it to the reconciler.
+
+    Returns:
+        True when the job was pushed.
+    """
+    if redis is None:
+        logger.warning("job %s: redis is down; %s left to the reconciler", job_id, function)
+        return False
+    try:
+        await queue.enqueue(engine, redis, function=function, job_id=job_id, queue_name=settings.queue_name)
+    except Exception as exc:
+        logger.warning("job %s: enqueue of %s failed (%s); left to the reconciler", job_id, function, exc)
+        return False
+    return True
+
+
+# --- read and list -----------------------------------------------------------------------------------------
+def get_row(*, session: Session, project_id: str, job_id: str, param: str = JOB_ID_PARAM) -> JobRow:
+    """The project's job `job_id`.
+
+    Raises:
+        NotFound: no such job in this project.
+    """
+    row = session.exec(select(JobRow).where(JobRow.id == job_id, JobRow.project_id == project_id)).first()
+    if row is None:
+        raise not_found("fine-tuning job", job_id, param=param)
+    return row
+
+
+def retrieve(*, session: Session, project_id: str, job_id: str) -> FineTuningJob:
+    return to_openai(get_row(session=session, project_id=project_id, job_id=job_id))
+
+
+def list_jobs(
+    *, session: Session, project_id: str, after: str | None, limit: int, metadata: dict[str, str] | None,
+    metadata_null: bool = False,
+) -> FineTuningJobList:  # fmt: skip
+    """The project's jobs, newest first, after job `after`; `metadata` filters on every pair (AND)."""
+    statement = select(JobRow).where(JobRow.project_id == project_id)
+    for key, value in (metadata or {}).items():
+        statement = statement.where(col(JobRow.metadata_)[key].as_string() == value)
+    if metadata_null:
+        statement = statement.where(
+            func.coalesce(cast(col(JobRow.metadata_), String), "null").in_(["null", "{}"])
+        )
+    if after is not None:
+        cursor = _cursor(session, project_id, after)
+        statement = statement.where(col(JobRow.pk) < cursor)
+    rows = list(session.exec(statement.order_by(col(JobRow.pk).desc()).limit(limit + 1)).all())
+    return FineTuningJobList(data=[to_openai(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+def _cursor(session: Session, project_id: str, job_id: str) -> int:
+    try:
+        return int(get_row(session=session, project_id=project_id, job_id=job_id, param="after").pk or 0)
+    except NotFound:
+        raise InvalidRequest(f"Invalid cursor `after`: no job {job_id}.", param="after") from None
+
+
+def list_events(
+    *, session: Session, project_id: str, job_id: str, after: str | None, limit: int
+) -> FineTuningJobEventList:
+    """A job's events, newest first, after event `after`."""
+    get_row(session=session, project_id=project_id, job_id=job_id)
+    statement = select(JobEventRow).where(JobEventRow.job_id == job_id)
+    if after is not None:
+        cursor = session.exec(
+            select(JobEventRow.pk).where(JobEventRow.job_id == job_id, JobEventRow.id == after)
+        ).first()
+        if cursor is None:
+            raise InvalidRequest(f"Invalid cursor `after`: no event {after} in job {job_id}.", param="after")
+        statement = statement.where(col(JobEventRow.pk) < cursor)
+    rows = list(session.exec(statement.order_by(col(JobEventRow.pk).desc()).limit(limit + 1)).all())
+    return FineTuningJobEventList(data=[event_to_openai(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+def list_checkpoints(
+    *, session: Session, project_id: str, job_id: str, after: str | None, limit: int
+) -> FineTuningJobCheckpointList:
+    """A job's kept checkpoints, newest first, after checkpoint `after`."""
+    get_row(session=session, project_id=project_id, job_id=job_id)
+    statement = select(CheckpointRow).where(
+        CheckpointRow.job_id == job_id, col(CheckpointRow.deleted).is_(False)
+    )
+    if after is not None:
+        cursor = session.exec(
+            select(CheckpointRow.pk).where(CheckpointRow.job_id == job_id, CheckpointRow.id == after)
+        ).first()
+        if cursor is None:
+            raise InvalidRequest(
+                f"Invalid cursor `after`: no checkpoint {after} in job {job_id}.", param="after"
+            )
+        statement = statement.where(col(CheckpointRow.pk) < cursor)
+    rows = list(session.exec(statement.order_by(col(CheckpointRow.pk).desc()).limit(limit + 1)).all())
+    data = [checkpoint_to_openai(r) for r in rows[:limit]]
+    return FineTuningJobCheckpointList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=len(rows) > limit,
+    )
+
+
+# --- state changes -----------------------------------------------------------------------------------------
+def cancel(*, engine: Engine, project_id: str, job_id: str) -> JobRow:
+    """Cancel a job that has not finished (the worker stops at the next step and frees its resources).
+
+    Raises:
+        NotFound: no such job in this project.
+        InvalidRequest: the job has already finished.
+    """
+    return _move(engine, project_id, job_id, S.cancelled, "Fine-tuning job cancelled", verb="cancelled")
+
+
+def pause(*, engine: Engine, project_id: str, job_id: str) -> JobRow:
+    """Pause a queued or running job (the worker saves resume state at the next step).
+
+    Raises:
+        NotFound: no such job in this project.
+        InvalidRequest: the job is not queued or running.
+    """
+    return _move(
+        engine,
+        project_id,
+        job_id,
+        S.paused,
+        "Fine-tuning job paused",
+        verb="paused",
+        allowed={S.queued, S.running},
+    )
+
+
+def resume(*, engine: Engine, project_id: str, job_id: str) -> JobRow:
+    """Queue a paused job again; the caller enqueues it for training (it continues from its resume state).
+
+    Raises:
+        NotFound: no such job in this project.
+        InvalidRequest: the job is not paused.
+    """
+    return _move(
+        engine, project_id, job_id, S.queued, "Fine-tuning job resumed", verb="resumed", allowed={S.paused}
+    )
+
+
+def _move(
+    engine: Engine, project_id: str, job_id: str, target: JobStatus, message: str, *, verb: str,
+    allowed: set[JobStatus] | None = None,
+) -> JobRow:  # fmt: skip
+    for _ in range(3):  # a concurrent writer (the worker) may move the job between our read and our write
+        with Session(engine) as session:
+            current = S(get_row(session=session, project_id=project_id, job_id=job_id).status)
+        _check_move(job_id, current, target, verb=verb, allowed=allowed)
+        try:
+            return transition(engine, job_id, target, message=message, expect=current)
+        except IllegalTransition:
+            continue
+    raise InvalidRequest(f"Job {job_id} is changing state; try again.", param=JOB_ID_PARAM)
+
+
+def _check_move(
+    job_id: str, current: JobStatus, target: JobStatus, *, verb: str, allowed: set[JobStatus] | None
+) -> None:
+    if current in TERMINAL:
+        raise InvalidRequest(
+            f"Job has already completed: {job_id} (status: {current.value})", param=JOB_ID_PARAM
+        )
+    if (allowed is not None and current not in allowed) or current == target:
+        raise InvalidRequest(
+            f"Job {job_id} cannot be {verb} from status {current.value}.", param=JOB_ID_PARAM
+        )

@@ -1,0 +1,113 @@
+"""API keys: each belongs to one project; only the sha256 of the secret is stored.
+
+A key looks like `sk-tw-<40 random url-safe characters>`. `authenticate_key` is what every request goes through
+(via `deps.authenticate`); the `*_cli` functions back `tuneworks keys create|revoke`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import sys
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from service.db import init_db, make_engine, session_scope
+from service.ids import new_id, now
+from service.naming import PROJECT_NAME
+from service.settings import Settings
+from service.tables import ApiKey, Project
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "sk-tw-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def create_key(engine: Engine, *, project: str) -> str:
+    """A new key for project `project` (the project is created when new).
+
+    Args:
+        engine: the database.
+        project: project name, `[A-Za-z0-9_-]{1,64}`.
+
+    Returns:
+        The secret key; it is shown once and only its hash is kept.
+
+    Raises:
+        ValueError: the project name is not allowed.
+    """
+    if not PROJECT_NAME.match(project):
+        raise ValueError(f"invalid project name {project!r}: use 1 to 64 of A-Z a-z 0-9 _ -")
+    key = KEY_PREFIX + secrets.token_urlsafe(30)
+    with session_scope(engine) as session:
+        row = _get_or_create_project(session, project)
+        session.add(ApiKey(id=new_id("key_"), project_id=row.id, key_hash=hash_key(key), prefix=key[:10]))
+    logger.info("project %s: created key %s…", project, key[:10])
+    return key
+
+
+def _get_or_create_project(session: Session, name: str) -> Project:
+    row = session.exec(select(Project).where(Project.name == name)).first()
+    if row is None:
+        row = Project(id=new_id("proj_"), name=name)
+        session.add(row)
+        session.flush()
+    return row
+
+
+def revoke_key(engine: Engine, *, key: str) -> bool:
+    """Revoke `key`. Returns False when no active key matches."""
+    with session_scope(engine) as session:
+        row = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(key))).first()
+        if row is None or row.revoked_at is not None:
+            return False
+        row.revoked_at = now()
+        session.add(row)
+    logger.info("revoked key %s…", row.prefix)
+    return True
+
+
+def authenticate_key(engine: Engine, key: str) -> Project | None:
+    """The project of an active key, or None for an unknown or revoked key."""
+    with Session(engine) as session:
+        statement = (
+            select(Project)
+            .join(ApiKey, ApiKey.project_id == Project.id)  # type: ignore[arg-type]
+            .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at == None)  # noqa: E711
+        )
+        return session.exec(statement).first()
+
+
+def create_key_cli(settings: Settings, *, project: str) -> str:
+    """`tuneworks keys create --project NAME`: the new key (the CLI prints it as the only stdout line).
+
+    Raises:
+        SystemExit: the project name is not allowed (message on stderr).
+    """
+    engine = make_engine(settings.resolved_database_url)
+    init_db(engine)
+    try:
+        return create_key(engine, project=project)
+    except ValueError as exc:
+        raise SystemExit(f"tuneworks keys create: {exc}") from None
+    finally:
+        engine.dispose()
+
+
+def revoke_key_cli(settings: Settings, *, key: str) -> int:
+    """`tuneworks keys revoke KEY`: exit code 0 when revoked, 1 when no active key matched."""
+    engine = make_engine(settings.resolved_database_url)
+    init_db(engine)
+    try:
+        if revoke_key(engine, key=key):
+            return 0
+        print("tuneworks keys revoke: no active key matches", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()

@@ -1,0 +1,59 @@
+"""`/v1/files`: upload, list, retrieve, download, delete."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from service import files
+from service.deps import ProjectDep, SessionDep, SettingsDep, StoreDep
+from service.protocol import FileDeleted, FileList, FileObject
+
+router = APIRouter(tags=["files"])
+
+
+@router.post("/files")
+async def create_file(request: Request, project: ProjectDep, session: SessionDep, store: StoreDep,
+                      settings: SettingsDep) -> FileObject:  # fmt: skip
+    return await files.upload(
+        session=session, store=store, project_id=project.id, content_type=request.headers.get("content-type", ""),
+        stream=request.stream(), limit=settings.max_upload_bytes,
+    )  # fmt: skip
+
+
+@router.get("/files")
+def list_files(
+    project: ProjectDep,
+    session: SessionDep,
+    purpose: str | None = None,
+    limit: int = Query(10000, ge=1, le=10000),
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> FileList:
+    return files.list_files(
+        session=session, project_id=project.id, purpose=purpose, limit=limit, order=order, after=after
+    )
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(file_id: str, project: ProjectDep, session: SessionDep) -> FileObject:
+    return files.retrieve(session=session, project_id=project.id, file_id=file_id)
+
+
+@router.get("/files/{file_id}/content")
+def file_content(file_id: str, project: ProjectDep, session: SessionDep, store: StoreDep) -> FileResponse:
+    row, path = files.content(session=session, store=store, project_id=project.id, file_id=file_id)
+    media_type = "text/csv" if row.purpose == "fine-tune-results" else "application/octet-stream"
+    return FileResponse(
+        path, media_type=media_type, filename=row.filename, content_disposition_type="attachment"
+    )
+
+
+@router.delete("/files/{file_id}")
+async def delete_file(file_id: str, project: ProjectDep, session: SessionDep, store: StoreDep) -> FileDeleted:
+    return await run_in_threadpool(
+        files.delete, session=session, store=store, project_id=project.id, file_id=file_id
+    )

@@ -1,0 +1,97 @@
+"""`/v1/fine_tuning/jobs`: create, list, retrieve, cancel, pause, resume, events, checkpoints."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from service import jobs, queue
+from service.deps import EngineDep, ProjectDep, RedisDep, SessionDep, SettingsDep
+from service.errors import InvalidRequest
+from service.protocol import (
+    FineTuningJob,
+    FineTuningJobCheckpointList,
+    FineTuningJobEventList,
+    FineTuningJobList,
+    JobCreateRequest,
+)
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+@router.post("")
+async def create_job(body: JobCreateRequest, project: ProjectDep, engine: EngineDep, settings: SettingsDep,
+                     redis: RedisDep) -> FineTuningJob:  # fmt: skip
+    row = await run_in_threadpool(
+        jobs.create, engine=engine, settings=settings, project=project, request=body
+    )
+    await jobs.enqueue(
+        engine=engine, redis=redis, settings=settings, function=queue.VALIDATE_JOB, job_id=row.id
+    )
+    return jobs.to_openai(row)
+
+
+@router.get("")
+def list_jobs(request: Request, project: ProjectDep, session: SessionDep, after: str | None = None,
+              limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:  # fmt: skip
+    metadata, metadata_null = _metadata_filter(request)
+    return jobs.list_jobs(
+        session=session,
+        project_id=project.id,
+        after=after,
+        limit=limit,
+        metadata=metadata,
+        metadata_null=metadata_null,
+    )
+
+
+def _metadata_filter(request: Request) -> tuple[dict[str, str], bool]:
+    """`?metadata[k]=v` pairs (the SDK's bracket form) and `?metadata=null`."""
+    pairs: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            pairs[name[len("metadata[") : -1]] = value
+        elif name == "metadata" and value != "null":
+            raise InvalidRequest("Use `metadata[key]=value` pairs or `metadata=null`.", param="metadata")
+    return pairs, request.query_params.get("metadata") == "null"
+
+
+@router.get("/{fine_tuning_job_id}")
+def retrieve_job(fine_tuning_job_id: str, project: ProjectDep, session: SessionDep) -> FineTuningJob:
+    return jobs.retrieve(session=session, project_id=project.id, job_id=fine_tuning_job_id)
+
+
+@router.post("/{fine_tuning_job_id}/cancel")
+def cancel_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep) -> FineTuningJob:
+    return jobs.to_openai(jobs.cancel(engine=engine, project_id=project.id, job_id=fine_tuning_job_id))
+
+
+@router.post("/{fine_tuning_job_id}/pause")
+def pause_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep) -> FineTuningJob:
+    return jobs.to_openai(jobs.pause(engine=engine, project_id=project.id, job_id=fine_tuning_job_id))
+
+
+@router.post("/{fine_tuning_job_id}/resume")
+async def resume_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep, settings: SettingsDep,
+                     redis: RedisDep) -> FineTuningJob:  # fmt: skip
+    row = await run_in_threadpool(
+        jobs.resume, engine=engine, project_id=project.id, job_id=fine_tuning_job_id
+    )
+    await jobs.enqueue(engine=engine, redis=redis, settings=settings, function=queue.TRAIN_JOB, job_id=row.id)
+    return jobs.to_openai(row)
+
+
+@router.get("/{fine_tuning_job_id}/events")
+def list_events(fine_tuning_job_id: str, project: ProjectDep, session: SessionDep, after: str | None = None,
+                limit: int = Query(20, ge=1, le=100)) -> FineTuningJobEventList:  # fmt: skip
+    return jobs.list_events(
+        session=session, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
+    )
+
+
+@router.get("/{fine_tuning_job_id}/checkpoints")
+def list_checkpoints(fine_tuning_job_id: str, project: ProjectDep, session: SessionDep, after: str | None = None,
+                     limit: int = Query(10, ge=1, le=100)) -> FineTuningJobCheckpointList:  # fmt: skip
+    return jobs.list_checkpoints(
+        session=session, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
+    )
