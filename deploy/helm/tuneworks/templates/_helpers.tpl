@@ -1,9 +1,9 @@
 {{/* Names, labels, images. */}}
 {{- define "tuneworks.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 30 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 30 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
@@ -27,9 +27,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s%s:%s" .root.Values.image.registry .image.repository (.image.tag | default $tag) -}}
 {{- end -}}
 
-{{/* DNS-safe short name of an inference model entry. */}}
+{{/* DNS-safe short name of an inference model entry (fullname 30 + "-vllm-" + 26 <= 63 characters). */}}
 {{- define "tuneworks.modelName" -}}
-{{- .name | default (regexReplaceAll "[^a-z0-9]+" (lower .id) "-") | trunc 30 | trimAll "-" -}}
+{{- .name | default (regexReplaceAll "[^a-z0-9]+" (lower .id) "-") | trunc 26 | trimAll "-" -}}
 {{- end -}}
 
 {{- define "tuneworks.vllmService" -}}
