@@ -1,0 +1,187 @@
+"""Files through the real openai SDK and raw HTTP (contract §2, checklist items 1–3 and 6 at the file level)."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from service.db import make_engine
+from tests.conftest import ApiServer
+from tests.service.conftest import chat_example, chat_file, jsonl, service_settings
+
+
+def test_upload_from_a_file_handle_raw_bytes_and_with_expiry(client, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(chat_file(12))
+    with path.open("rb") as handle:
+        from_handle = client.files.create(file=handle, purpose="fine-tune")
+    assert (from_handle.filename, from_handle.bytes, from_handle.purpose) == (
+        "train.jsonl",
+        len(chat_file(12)),
+        "fine-tune",
+    )
+    assert from_handle.status == "processed" and from_handle.id.startswith("file-")
+    assert from_handle.expires_at is None
+
+    raw = client.files.create(file=chat_file(3), purpose="fine-tune")
+    assert (raw.filename, raw.bytes, raw.status) == ("upload", len(chat_file(3)), "processed")
+
+    expiring = client.files.create(
+        file=chat_file(10), purpose="fine-tune", expires_after={"anchor": "created_at", "seconds": 7200}
+    )
+    assert expiring.expires_at == expiring.created_at + 7200
+    assert client.files.wait_for_processing(expiring.id).status == "processed"
+
+
+def test_list_pages_with_cursors_in_both_orders(server: ApiServer) -> None:
+    with server.client(server.new_key("proj-listing")) as client:
+        ids = [client.files.create(file=chat_file(2), purpose="fine-tune").id for _ in range(4)]
+        client.files.create(file=b"{}\n", purpose="batch")
+        newest_first = list(reversed(ids))
+
+        page = client.files.list(purpose="fine-tune", limit=1)
+        assert [f.id for f in page.data] == newest_first[:1]
+        assert (page.first_id, page.last_id, page.has_more) == (newest_first[0], newest_first[0], True)
+        assert [f.id for f in client.files.list(purpose="fine-tune", limit=1)] == newest_first  # auto-paging
+        assert [f.id for f in client.files.list(purpose="fine-tune", limit=3, order="asc")] == ids
+
+        second = client.files.list(purpose="fine-tune", limit=3, after=newest_first[0])
+        assert [f.id for f in second.data] == newest_first[1:]
+        assert (second.first_id, second.last_id, second.has_more) == (newest_first[1], newest_first[3], False)
+        empty = client.files.list(purpose="fine-tune", after=ids[0])
+        assert (empty.data, empty.first_id, empty.last_id, empty.has_more) == ([], None, None, False)
+        assert len(client.files.list().data) == 5
+
+
+def test_content_round_trips_bytes_exactly_and_delete_then_404(client) -> None:  # type: ignore[no-untyped-def]
+    data = chat_file(10).replace(b"\n", b"\r\n") + '{"prompt": "caf\u00e9 \u2603"}\n'.encode()
+    created = client.files.create(file=("odd name \u00e9.jsonl", data), purpose="fine-tune")
+    assert client.files.content(created.id).read() == data
+    assert client.files.retrieve(created.id).filename == "odd name \u00e9.jsonl"
+
+    deleted = client.files.delete(created.id)
+    assert (deleted.id, deleted.object, deleted.deleted) == (created.id, "file", True)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.files.retrieve(created.id)
+    assert caught.value.request_id and caught.value.request_id.startswith("req_")
+    assert caught.value.body == {
+        "message": f"No such File object: {created.id}",
+        "type": "invalid_request_error",
+        "param": "id",
+        "code": None,
+    }
+    for call in (client.files.content, client.files.delete):
+        with pytest.raises(openai.NotFoundError):
+            call(created.id)
+
+
+def test_non_utf8_filename_and_curl_style_multipart(server: ApiServer) -> None:
+    body = chat_file(10)
+    files = {"file": (b"\xffname.jsonl".decode("latin-1"), body, "application/octet-stream")}
+    response = httpx.post(
+        f"{server.base_url}/files",
+        headers={"Authorization": f"Bearer {server.key}"},
+        files=files,
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["bytes"] == len(body) and response.json()["status"] == "processed"
+
+
+BAD_FILES = [
+    (
+        jsonl([chat_example(0), chat_example(1), {"messages": [{"role": "bot", "content": "x"}]}]),
+        "line 3, messages[0].role",
+    ),
+    (chat_file(2) + b"not json\n", "line 3: not valid JSON"),
+    (chat_file(1) + b'{"messages": "caf\xe9"}\n', "line 2: not valid UTF-8"),
+    (
+        jsonl([chat_example(0), {"messages": [{"role": "user", "content": "q"}]}]),
+        "line 2, messages: the example has no assistant",
+    ),
+    (
+        jsonl(
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": "q", "extra": 1},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            ]
+        ),
+        "line 1, messages[0].extra: unrecognized `extra`",
+    ),  # fmt: skip
+    (b"\n\n", "The file has no examples."),
+]
+
+
+@pytest.mark.parametrize(("data", "details"), BAD_FILES)
+def test_bad_training_files_end_in_error_naming_line_and_field(client, data: bytes, details: str) -> None:  # type: ignore[no-untyped-def]
+    created = client.files.create(file=("bad.jsonl", data), purpose="fine-tune")
+    assert created.status == "error"
+    assert created.status_details is not None and created.status_details.startswith(details), (
+        created.status_details
+    )
+    assert client.files.retrieve(created.id).status_details == created.status_details
+    assert client.files.content(created.id).read() == data  # kept as uploaded
+
+
+def test_bad_form_fields_are_400_with_param(server: ApiServer, client) -> None:  # type: ignore[no-untyped-def]
+    cases = [
+        ({"purpose": "fine-tuning"}, "purpose"),
+        ({"purpose": "fine-tune", "expires_after[anchor]": "last_access", "expires_after[seconds]": "7200"}, "expires_after.anchor"),
+        ({"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": "10"}, "expires_after.seconds"),
+    ]  # fmt: skip
+    before = len(client.files.list().data)
+    for data, param in cases:
+        response = httpx.post(
+            f"{server.base_url}/files",
+            headers={"Authorization": f"Bearer {server.key}"},
+            files={"file": ("a.jsonl", chat_file(1))},
+            data=data,
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+        assert response.headers["x-request-id"]
+    no_file = httpx.post(
+        f"{server.base_url}/files",
+        headers={"Authorization": f"Bearer {server.key}"},
+        data={"purpose": "fine-tune"},
+    )
+    assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    assert len(client.files.list().data) == before
+    assert not any(p.name.startswith(".tmp-") for p in (server.settings.artifacts_dir / "files").iterdir())
+
+
+def test_file_used_by_an_unfinished_job_cannot_be_deleted(client, training_file: str) -> None:  # type: ignore[no-untyped-def]
+    job = client.fine_tuning.jobs.create(model="tuneworks/tiny-random-llama", training_file=training_file)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.delete(training_file)
+    assert job.id in caught.value.message
+    client.fine_tuning.jobs.cancel(job.id)
+    assert client.files.delete(training_file).deleted
+
+
+def test_oversize_upload_is_413_and_nothing_is_stored(tmp_path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    settings = service_settings(tmp_path / "home", redis_url, max_upload_bytes=2000)
+    server = ApiServer(settings, tmp_path / "api.log")
+    try:
+        with server.client() as client:
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.files.create(file=chat_file(100), purpose="fine-tune")
+            assert caught.value.status_code == 413
+            assert caught.value.body["code"] == "file_too_large"  # type: ignore[index]
+            assert caught.value.request_id
+            assert client.files.list().data == []
+            small = client.files.create(file=chat_file(20)[:1900], purpose="batch")
+            assert small.bytes == 1900
+        stored = list((settings.artifacts_dir / "files").iterdir())
+        assert [p.name for p in stored] == [small.id]
+        engine = make_engine(settings.resolved_database_url)
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT count(*) FROM file").scalar() == 1
+        engine.dispose()
+    finally:
+        server.stop()
