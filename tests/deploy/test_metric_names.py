@@ -175,3 +175,30 @@ def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_docs_list_every_metric() -> None:
+    """docs/metrics.md has one table row per metric of service/metrics.py, with its type and labels."""
+    text = (REPO / "docs" / "metrics.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`ft_"):
+            rows[cells[0].strip("`")] = cells
+    declared = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            declared[value._name + ("_total" if value._type == "counter" else "")] = value
+    assert set(rows) == set(declared), f"docs/metrics.md differs: {sorted(set(rows) ^ set(declared))}"
+    for name, metric in declared.items():
+        _, kind, labels, meaning, _ = rows[name]
+        assert kind == metric._type, name
+        assert labels == (", ".join(f"`{label}`" for label in metric._labelnames) or "—"), name
+        assert meaning.startswith(metric._documentation.rstrip(".")), name
+    for name in VLLM_SERIES:
+        assert f"`{name}" in text, name
+    alerts = [
+        r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r
+    ]
+    for alert in alerts + sorted(recorded()):
+        assert f"`{alert}`" in text, f"{alert} is not documented"
