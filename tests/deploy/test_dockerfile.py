@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.cli import _parser
@@ -246,6 +247,9 @@ def test_the_api_healthcheck_command_passes_against_a_running_api(stages: dict[s
     env = {**os.environ, "FT_API_PORT": str(api.port)}
     ok = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
+    # The Helm chart's probes: readiness on /ready, liveness on /health, both on FT_API_PORT.
+    assert httpx.get(f"http://127.0.0.1:{api.port}/ready", timeout=10).status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{api.port}/health", timeout=10).status_code == 200
     api.stop()
     down = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30)
     assert down.returncode != 0
