@@ -1,6 +1,6 @@
 """Drift of live inference traffic against the prompts a fine-tuned model was trained on.
 
-No model is involved: each prompt is reduced to cheap features (hashed character 3-grams, a log2 length
+No model is involved: each prompt is reduced to cheap features (hashed 3-grams (of UTF-8 bytes), a log2 length
 bucket, the share of each script or character class, and which of its words the training data knew). At job
 success the worker saves `build_profile(training user prompts)` as JSON under `profile_key(job_id)`; the
 gateway calls `observe(store=, model=, job_id=, prompt=)` for every completion, and a process-wide
@@ -111,14 +111,19 @@ _SCRIPT_RANGES = (
 )
 
 
+_ASCII_CLASSES = bytes(_script(chr(code)) if code < 128 else len(SCRIPTS) - 1 for code in range(256))
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
 def _length_bucket(length: int) -> int:
     return min(LENGTH_BUCKETS - 1, length.bit_length())
 
 
 def _ngram_buckets(text: str) -> array:
-    padded = " " + _SPACES.sub(" ", text[:FEATURE_CHARS].lower()).strip() + " "
-    grams = (padded[i : i + NGRAM_N] for i in range(max(0, len(padded) - NGRAM_N + 1)))
-    return array("H", (zlib.crc32(g.encode("utf-8", "replace")) % NGRAM_BUCKETS for g in grams))
+    """Buckets of the UTF-8 byte 3-grams of the lower-cased, space-normalised text (bytes hash fast)."""
+    data = (" " + _SPACES.sub(" ", text[:FEATURE_CHARS].lower()).strip() + " ").encode("utf-8", "replace")
+    crc32 = zlib.crc32
+    return array("H", [crc32(data[i : i + NGRAM_N]) % NGRAM_BUCKETS for i in range(len(data) - NGRAM_N + 1)])
 
 
 def _word_bits(text: str) -> set[int]:
@@ -137,10 +142,18 @@ class PromptFeatures:
 
     @classmethod
     def of(cls, text: str) -> PromptFeatures:
-        scripts = [0] * len(SCRIPTS)
-        for char in text[:FEATURE_CHARS]:
-            scripts[_script(char)] += 1
-        return cls(_ngram_buckets(text), len(text), tuple(scripts), frozenset(_word_bits(text)))
+        return cls(_ngram_buckets(text), len(text), _script_counts(text), frozenset(_word_bits(text)))
+
+
+def _script_counts(text: str) -> tuple[int, ...]:
+    """Characters per SCRIPTS entry: ASCII through one byte translation, the rest one by one."""
+    head = text[:FEATURE_CHARS]
+    ascii_part = head.encode("ascii", "ignore").translate(_ASCII_CLASSES)
+    counts = [ascii_part.count(index) for index in range(len(SCRIPTS))]
+    if len(ascii_part) != len(head):
+        for char in _NON_ASCII.findall(head):
+            counts[_script(char)] += 1
+    return tuple(counts)
 
 
 # --- the profile of the training prompts -------------------------------------------------------------------
@@ -484,7 +497,7 @@ def save_profile(store: ArtifactStore, job_id: str, prompts: list[str]) -> None:
 def observe(store: ArtifactStore, model: str, job_id: str, prompt: str) -> None:
     """Record one prompt sent to fine-tuned `model` (trained by `job_id`) in the process-wide monitor.
 
-    Cheap (about a millisecond for a 2 KB prompt), thread-safe, and never raises; a model without a saved
+    Cheap (about 2 ms for a 2 KB prompt, under 0.5 ms for a short one), thread-safe, and never raises; a model without a saved
     profile is a no-op (the store is checked again at most every 5 minutes).
 
     Args:
