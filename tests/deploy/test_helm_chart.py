@@ -309,7 +309,9 @@ def test_every_pod_shares_the_artifacts_volume_at_ft_home(default: list[dict]) -
 
 
 def test_connections_come_from_the_secret(default: list[dict]) -> None:
-    secret = one(default, "Secret", "tw-tuneworks-connections")["stringData"]
+    secret_object = one(default, "Secret", "tw-tuneworks-connections")
+    assert secret_object["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    secret = secret_object["stringData"]
     assert secret["database-url"].startswith("postgresql+psycopg://tuneworks:")
     assert secret["database-url"].endswith("@tw-tuneworks-postgresql:5432/tuneworks")
     assert len(secret["postgres-password"]) == 32 and secret["postgres-password"] in secret["database-url"]
