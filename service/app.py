@@ -72,7 +72,8 @@ def _add_routes(app: FastAPI) -> None:
     except ImportError as exc:
         logger.warning("inference routes not available: %s", exc)
     else:
-        app.include_router(inference.router, prefix="/v1")
+        paths = [getattr(route, "path", "") for route in inference.router.routes]
+        app.include_router(inference.router, prefix="" if all(p.startswith("/v1/") for p in paths) else "/v1")
 
 
 @asynccontextmanager

@@ -127,6 +127,7 @@ def create(*, engine: Engine, settings: Settings, project: Project, request: Job
             code="model_not_available",
         )
     method, hyperparameters = resolve_method(request)
+    _check_lora(settings, request)
     with Session(engine, expire_on_commit=False) as session:
         _check_file(session, project.id, request.training_file, param="training_file")
         if request.validation_file is not None:
@@ -168,6 +169,16 @@ def resolve_method(request: JobCreateRequest) -> tuple[dict[str, Any], dict[str,
     chosen = given or legacy or SupervisedMethod().hyperparameters
     hyperparameters = chosen.model_dump()
     return {"type": "supervised", "supervised": {"hyperparameters": dict(hyperparameters)}}, hyperparameters
+
+
+def _check_lora(settings: Settings, request: JobCreateRequest) -> None:
+    rank = request.lora.rank if request.lora else None
+    if rank is not None and rank > settings.vllm_max_lora_rank:
+        raise InvalidRequest(
+            f"`lora.rank` {rank} is above {settings.vllm_max_lora_rank}, the largest rank the inference servers "
+            "load (FT_VLLM_MAX_LORA_RANK).",
+            param="lora.rank",
+        )
 
 
 def _check_file(session: Session, project_id: str, file_id: str, *, param: str) -> FileRow:

@@ -141,7 +141,8 @@ def validate_jsonl(
         example, problems = _parse(data, number)
         if example is not None:
             problems = _check_example(example, number, report)
-        report._add(problems)
+        if problems:
+            report._add(problems)
         if example is not None and not problems and count_tokens is not None:
             _count(report, example, number, count_tokens, max_tokens)
     return report
@@ -226,6 +227,9 @@ def _check_messages(messages: list, line: int, path: str) -> list[Problem]:
 
 
 def _check_message(message: dict, line: int, where: str) -> list[Problem]:
+    content = message.get("content")
+    if len(message) == 2 and message.get("role") in ROLES and isinstance(content, str) and content:
+        return []  # the common case, `{"role": ..., "content": "..."}`, without the checks below
     problems: list[Problem] = []
     has_call = bool(message.get("function_call") or message.get("tool_calls"))
     for key in ("role", "content"):

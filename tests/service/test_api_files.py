@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -185,3 +189,24 @@ def test_oversize_upload_is_413_and_nothing_is_stored(tmp_path, redis_url: str) 
         engine.dispose()
     finally:
         server.stop()
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/status"), reason="needs Linux /proc to read the server's memory"
+)
+def test_large_upload_is_streamed_not_held_in_memory(server: ApiServer, client) -> None:  # type: ignore[no-untyped-def]
+    line = json.dumps(chat_example(0)).encode() + b"\n"
+    data = line * (32 * 1024 * 1024 // len(line))  # 32 MiB
+    before = _memory_kib(server.proc.pid, "VmRSS")
+    created = client.files.create(file=("big.jsonl", data), purpose="fine-tune")
+    grown_mib = (_memory_kib(server.proc.pid, "VmHWM") - before) / 1024
+    assert (created.bytes, created.status) == (len(data), "processed")
+    assert grown_mib < 16, f"the API grew by {grown_mib:.0f} MiB while receiving a 32 MiB file"
+    assert (server.settings.artifacts_dir / "files" / created.id).stat().st_size == len(data)

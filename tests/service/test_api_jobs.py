@@ -141,6 +141,7 @@ INVALID = [
     ({"seed": 2**31}, "seed"),
     ({"integrations": [{"type": "slack", "wandb": {"project": "p"}}]}, "integrations[0].type"),
     ({"lora": {"rank": 0}}, "lora.rank"),
+    ({"lora": {"rank": 128}}, "lora.rank"),  # above FT_VLLM_MAX_LORA_RANK (64): could not be served
     ({"lora": {"dropout": 1}}, "lora.dropout"),
     ({"lora": {"target_modules": ["q_proj", "../x"]}}, "lora.target_modules"),
     ({"lora": {"ranks": 8}}, "lora.ranks"),
