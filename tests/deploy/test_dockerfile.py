@@ -253,3 +253,34 @@ def test_the_api_healthcheck_command_passes_against_a_running_api(stages: dict[s
     api.stop()
     down = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30)
     assert down.returncode != 0
+
+
+@pytest.mark.parametrize(
+    "target, port_var", [("worker", "FT_WORKER_METRICS_PORT"), ("serve", "FT_SERVE_METRICS_PORT")]
+)
+def test_metrics_port_healthchecks_pass_against_a_prometheus_server(
+    stages: dict[str, Stage], target: str, port_var: str
+) -> None:
+    """worker and serve expose prometheus_client's HTTP server (serving/main.py); their HEALTHCHECK asks it."""
+    from tests.conftest import free_port, wait_for_port
+
+    argv = json.loads((stages[target].last("HEALTHCHECK") or "").split("CMD", 1)[1])
+    assert port_var in argv[2]
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import time, prometheus_client; prometheus_client.start_http_server({port}); time.sleep(60)",
+        ]
+    )
+    try:
+        wait_for_port(port, timeout=20, proc=server)
+        env = {**os.environ, port_var: str(port)}
+        ok = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
+    down = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30)
+    assert down.returncode != 0
