@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.tuneworks-installed
 FT_DEMO_HOME ?= $(CURDIR)/.demo
 
-.PHONY: install test lint typecheck pytest demo bench clean redis
+.PHONY: install test lint typecheck pytest demo bench clean system-deps
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -21,10 +21,15 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton || true
 	@touch $(STAMP)
 
-redis:
-	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+# Debian packages: redis-server (the queue, started by tests and `tuneworks up`), prometheus (promtool, for the
+# alert-rule tests). Installed only when missing.
+SYSTEM_PKGS := $(if $(shell command -v redis-server),,redis-server) $(if $(shell command -v promtool),,prometheus)
+system-deps:
+	@if [ -n "$(strip $(SYSTEM_PKGS))" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PKGS) >/dev/null; \
+	fi
 
-install: $(STAMP) redis
+install: $(STAMP) system-deps
 
 lint: install
 	$(VENV)/bin/ruff check service runner serving tests bench
