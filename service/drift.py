@@ -1,6 +1,6 @@
 """Drift of live inference traffic against the prompts a fine-tuned model was trained on.
 
-No model is involved: each prompt is reduced to cheap features (hashed 3-grams (of UTF-8 bytes), a log2 length
+No model is involved: each prompt is reduced to cheap features (hashed byte 3-grams of the UTF-8 text, a log2 length
 bucket, the share of each script or character class, and which of its words the training data knew). At job
 success the worker saves `build_profile(training user prompts)` as JSON under `profile_key(job_id)`; the
 gateway calls `observe(store=, model=, job_id=, prompt=)` for every completion, and a process-wide
