@@ -49,9 +49,13 @@ def register() -> None:
     if not negative_index_leaks(ops.bgmv_shrink):
         logger.info("tuneworks_lora_fix: installed LoRA ops treat index -1 as no adapter; not patching")
         return
-    patched = _rebind(_replacements())
+    modules = _rebind(_replacements())
     ops.__dict__[_PATCHED_FLAG] = True
-    logger.warning("tuneworks_lora_fix: LoRA index -1 leaked the last slot; patched %s", ", ".join(patched))
+    logger.warning(
+        "tuneworks_lora_fix: LoRA index -1 leaked the last slot; patched %s in %s",
+        ", ".join(_OPS),
+        ", ".join(modules),
+    )
 
 
 def _on_cpu() -> bool:
@@ -74,15 +78,15 @@ def negative_index_leaks(bgmv_shrink: Any) -> bool:
 
 
 def _rebind(replacements: dict[str, Any]) -> list[str]:
+    """Rebind the ops in every module holding a reference to them. Returns the modules changed."""
     patched = []
     for module_name in _HOLDERS:
         module = _import(module_name)
-        if module is None:
-            continue
-        for name, function in replacements.items():
-            if hasattr(module, name):
-                setattr(module, name, function)
-                patched.append(f"{module_name}.{name}")
+        names = [name for name in replacements if module is not None and hasattr(module, name)]
+        for name in names:
+            setattr(module, name, replacements[name])
+        if names:
+            patched.append(module_name)
     return patched
 
 

@@ -1,0 +1,46 @@
+"""`POST /v1/chat/completions` and `POST /v1/completions`: thin handlers over `service.gateway`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service import gateway
+from service.deps import EngineDep, ProjectDep, SettingsDep
+from service.errors import InvalidRequest
+
+router = APIRouter(tags=["inference"])
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError as exc:
+        raise InvalidRequest("The request body is not valid JSON.") from exc
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    request: Request, project: ProjectDep, settings: SettingsDep, engine: EngineDep
+) -> JSONResponse | StreamingResponse:
+    body = await _json_body(request)
+    return await gateway.complete(
+        state=request.app.state, settings=settings, engine=engine, project=project, endpoint="chat", body=body
+    )
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    request: Request, project: ProjectDep, settings: SettingsDep, engine: EngineDep
+) -> JSONResponse | StreamingResponse:
+    body = await _json_body(request)
+    return await gateway.complete(
+        state=request.app.state,
+        settings=settings,
+        engine=engine,
+        project=project,
+        endpoint="completions",
+        body=body,
+    )
