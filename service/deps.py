@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Annotated
 
 from arq.connections import ArqRedis, create_pool
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -91,3 +91,6 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 RedisDep = Annotated[ArqRedis | None, Depends(get_redis)]
 SessionDep = Annotated[Session, Depends(get_session)]
 ProjectDep = Annotated[Project, Depends(authenticate)]
+IdempotencyKeyDep = Annotated[
+    str | None, Header(alias="Idempotency-Key")
+]  # optional header of create requests

@@ -15,10 +15,11 @@ from typing import Any, BinaryIO
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import or_
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
-from service import metrics
+from service import idempotency, metrics
 from service.errors import APIError, InvalidRequest, PayloadTooLarge, not_found
 from service.ids import new_id, now
 from service.job_status import TERMINAL
@@ -152,6 +153,7 @@ async def upload(
     content_type: str,
     stream: AsyncIterator[bytes],
     limit: int,
+    idempotency_key: str | None = None,
 ) -> FileObject:
     """Store an uploaded file and validate it when its purpose is `fine-tune`.
 
@@ -162,6 +164,7 @@ async def upload(
         content_type: the request's `Content-Type` (multipart boundary).
         stream: the request body.
         limit: largest file accepted, in bytes.
+        idempotency_key: the request's `Idempotency-Key`; a repeated key returns the file it created.
 
     Returns:
         The new file, `processed` or `error` (with `status_details` naming the first bad line).
@@ -170,6 +173,13 @@ async def upload(
         InvalidRequest: a missing or bad `file`, `purpose` or `expires_after` field (nothing is kept).
         PayloadTooLarge: the file is over `limit` bytes (nothing is kept).
     """
+    earlier = idempotency.find(
+        session, project_id=project_id, kind="file", key=idempotency.check_key(idempotency_key)
+    )
+    if earlier is not None:
+        async for _ in stream:  # the retry's body is not needed
+            pass
+        return to_openai(session.exec(select(FileRow).where(FileRow.id == earlier)).one())
     file_id = new_id("file-")
     key = f"files/{file_id}"
     with store.writer(key) as sink:
@@ -185,7 +195,15 @@ async def upload(
         if purpose == "fine-tune":
             await run_in_threadpool(_validate, row, store)
         session.add(row)
+        idempotency.record(
+            session, project_id=project_id, kind="file", key=idempotency_key, object_id=file_id
+        )
         session.commit()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won
+        store.delete(key)
+        session.rollback()
+        winner = idempotency.find(session, project_id=project_id, kind="file", key=idempotency_key)
+        return to_openai(session.exec(select(FileRow).where(FileRow.id == winner)).one())
     except BaseException:
         store.delete(key)
         raise

@@ -15,9 +15,10 @@ from typing import Any
 from arq.connections import ArqRedis
 from sqlalchemy import String, cast, func
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from service import base_models, metrics, queue
+from service import base_models, idempotency, metrics, queue
 from service.errors import InvalidRequest, NotFound, not_found
 from service.ids import new_id
 from service.job_status import TERMINAL, IllegalTransition, JobStatus, transition
@@ -104,7 +105,14 @@ def checkpoint_to_openai(row: CheckpointRow) -> FineTuningJobCheckpoint:
 
 
 # --- create ------------------------------------------------------------------------------------------------
-def create(*, engine: Engine, settings: Settings, project: Project, request: JobCreateRequest) -> JobRow:
+def create(
+    *,
+    engine: Engine,
+    settings: Settings,
+    project: Project,
+    request: JobCreateRequest,
+    idempotency_key: str | None = None,
+) -> tuple[JobRow, bool]:
     """Check a create request and commit the job (`validating_files`) with its first events.
 
     Args:
@@ -112,9 +120,10 @@ def create(*, engine: Engine, settings: Settings, project: Project, request: Job
         settings: for the base model registry.
         project: the caller's project (owner of the job and of its files).
         request: the parsed body.
+        idempotency_key: the request's `Idempotency-Key`; a repeated key returns the job it created.
 
     Returns:
-        The committed job row; the caller enqueues it.
+        The job row and whether it is new (the caller enqueues a new one).
 
     Raises:
         InvalidRequest: unknown model, unusable file, unsupported method, conflicting hyperparameters.
@@ -128,18 +137,27 @@ def create(*, engine: Engine, settings: Settings, project: Project, request: Job
         )
     method, hyperparameters = resolve_method(request)
     _check_lora(settings, request)
+    key = idempotency.check_key(idempotency_key)
     with Session(engine, expire_on_commit=False) as session:
+        earlier = idempotency.find(session, project_id=project.id, kind="job", key=key)
+        if earlier is not None:
+            return get_row(session=session, project_id=project.id, job_id=earlier), False
         _check_file(session, project.id, request.training_file, param="training_file")
         if request.validation_file is not None:
             _check_file(session, project.id, request.validation_file, param="validation_file")
         job = _new_row(project, request, method, hyperparameters)
         session.add(job)
-        for event in _first_events(job):
-            session.add(event)
-        session.commit()
+        session.add_all(_first_events(job))
+        idempotency.record(session, project_id=project.id, kind="job", key=key, object_id=job.id)
+        try:
+            session.commit()
+        except IntegrityError:  # a concurrent request with the same Idempotency-Key won
+            session.rollback()
+            winner = idempotency.find(session, project_id=project.id, kind="job", key=key)
+            return get_row(session=session, project_id=project.id, job_id=str(winner)), False
     metrics.JOBS_CREATED.labels(base_model=job.model).inc()
     logger.info("job %s: created for project %s, model %s", job.id, project.name, job.model)
-    return job
+    return job, True
 
 
 def resolve_method(request: JobCreateRequest) -> tuple[dict[str, Any], dict[str, Any]]:

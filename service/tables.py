@@ -131,3 +131,17 @@ class ModelRow(SQLModel, table=True):
     created_at: int = Field(default_factory=now)
     checkpoint_step: int | None = None
     deleted: bool = Field(default=False, index=True)
+
+
+class IdempotencyRow(SQLModel, table=True):
+    """An `Idempotency-Key` a client sent with a create request, and the object that request created: a retry
+    with the same key gets the same object instead of a duplicate."""
+
+    __tablename__ = "idempotency_key"
+    __table_args__ = (Index("ux_idempotency_project_kind_key", "project_id", "kind", "key", unique=True),)
+    pk: int | None = Field(default=None, primary_key=True)
+    project_id: str
+    kind: str  # "file" | "job"
+    key: str
+    object_id: str
+    created_at: int = Field(default_factory=now)

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from service import files
-from service.deps import ProjectDep, SessionDep, SettingsDep, StoreDep
+from service.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, StoreDep
 from service.protocol import FileDeleted, FileList, FileObject
 
 router = APIRouter(tags=["files"])
@@ -17,10 +17,10 @@ router = APIRouter(tags=["files"])
 
 @router.post("/files")
 async def create_file(request: Request, project: ProjectDep, session: SessionDep, store: StoreDep,
-                      settings: SettingsDep) -> FileObject:  # fmt: skip
+                      settings: SettingsDep, idempotency_key: IdempotencyKeyDep = None) -> FileObject:  # fmt: skip
     return await files.upload(
         session=session, store=store, project_id=project.id, content_type=request.headers.get("content-type", ""),
-        stream=request.stream(), limit=settings.max_upload_bytes,
+        stream=request.stream(), limit=settings.max_upload_bytes, idempotency_key=idempotency_key,
     )  # fmt: skip
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs, queue
-from service.deps import EngineDep, ProjectDep, RedisDep, SessionDep, SettingsDep
+from service.deps import EngineDep, IdempotencyKeyDep, ProjectDep, RedisDep, SessionDep, SettingsDep
 from service.errors import InvalidRequest
 from service.protocol import (
     FineTuningJob,
@@ -21,13 +21,19 @@ router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 @router.post("")
 async def create_job(body: JobCreateRequest, project: ProjectDep, engine: EngineDep, settings: SettingsDep,
-                     redis: RedisDep) -> FineTuningJob:  # fmt: skip
-    row = await run_in_threadpool(
-        jobs.create, engine=engine, settings=settings, project=project, request=body
+                     redis: RedisDep, idempotency_key: IdempotencyKeyDep = None) -> FineTuningJob:  # fmt: skip
+    row, new = await run_in_threadpool(
+        jobs.create,
+        engine=engine,
+        settings=settings,
+        project=project,
+        request=body,
+        idempotency_key=idempotency_key,
     )
-    await jobs.enqueue(
-        engine=engine, redis=redis, settings=settings, function=queue.VALIDATE_JOB, job_id=row.id
-    )
+    if new:
+        await jobs.enqueue(
+            engine=engine, redis=redis, settings=settings, function=queue.VALIDATE_JOB, job_id=row.id
+        )
     return jobs.to_openai(row)
 
 

@@ -210,3 +210,22 @@ def test_large_upload_is_streamed_not_held_in_memory(server: ApiServer, client) 
     assert (created.bytes, created.status) == (len(data), "processed")
     assert grown_mib < 16, f"the API grew by {grown_mib:.0f} MiB while receiving a 32 MiB file"
     assert (server.settings.artifacts_dir / "files" / created.id).stat().st_size == len(data)
+
+
+def test_idempotency_key_returns_the_first_upload(server: ApiServer) -> None:
+    with server.client(server.new_key("proj-idem-files")) as client:
+        headers = {"Idempotency-Key": "upload-1"}
+        first = client.files.create(file=chat_file(10), purpose="fine-tune", extra_headers=headers)
+        retry = client.files.create(file=chat_file(10), purpose="fine-tune", extra_headers=headers)
+        other = client.files.create(
+            file=chat_file(10), purpose="fine-tune", extra_headers={"Idempotency-Key": "2"}
+        )
+        assert retry.id == first.id and other.id != first.id
+        assert sorted(f.id for f in client.files.list()) == sorted([first.id, other.id])
+    with server.client(server.new_key("proj-idem-other")) as stranger:  # keys are per project
+        assert (
+            stranger.files.create(file=chat_file(10), purpose="fine-tune", extra_headers=headers).id
+            != first.id
+        )
+    stored = {p.name for p in (server.settings.artifacts_dir / "files").iterdir()}
+    assert first.id in stored and not any(name.startswith(".tmp-") for name in stored)

@@ -333,3 +333,30 @@ def test_async_client_creates_and_lists(server: ApiServer, training_file: str) -
 
     job_id, listed, status = asyncio.run(scenario())
     assert job_id in listed and status == "cancelled"
+
+
+def test_idempotency_key_returns_the_first_job(server: ApiServer, client, training_file: str) -> None:  # type: ignore[no-untyped-def]
+    headers = {"Idempotency-Key": "job-create-1"}
+    first = client.fine_tuning.jobs.create(model=TINY, training_file=training_file, extra_headers=headers)
+    retry = client.fine_tuning.jobs.create(model=TINY, training_file=training_file, extra_headers=headers)
+    assert retry.id == first.id and retry.seed == first.seed
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=100)].count(first.id) == 1
+    assert client.fine_tuning.jobs.create(model=TINY, training_file=training_file).id != first.id
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.create(
+            model=TINY, training_file=training_file, extra_headers={"Idempotency-Key": "x" * 300}
+        )
+    assert caught.value.param == "Idempotency-Key"  # type: ignore[attr-defined]
+
+
+def test_concurrent_creates_with_one_idempotency_key_make_one_job(
+    server: ApiServer, client, training_file: str
+) -> None:  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    headers = {"Idempotency-Key": "job-race"}
+    with ThreadPoolExecutor(6) as pool:
+        ids = list(pool.map(lambda _: client.fine_tuning.jobs.create(model=TINY, training_file=training_file,
+                                                                      extra_headers=headers).id, range(6)))  # fmt: skip
+    assert len(set(ids)) == 1
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=100)].count(ids[0]) == 1
