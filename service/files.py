@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
 from service import idempotency, metrics
-from service.errors import APIError, InvalidRequest, PayloadTooLarge, not_found
+from service.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, not_found
 from service.ids import new_id, now
 from service.job_status import TERMINAL
 from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
@@ -249,7 +249,8 @@ def _validate(row: FileRow, store: ArtifactStore) -> None:
 
 
 # --- read, list, delete ------------------------------------------------------------------------------------
-def _visible(project_id: str) -> tuple[Any, ...]:
+def visible(project_id: str) -> tuple[Any, ...]:
+    """Conditions of a file the project can use: its own, not deleted, not expired."""
     return (
         FileRow.project_id == project_id,
         col(FileRow.deleted).is_(False),
@@ -263,7 +264,7 @@ def get_row(*, session: Session, project_id: str, file_id: str, param: str = "id
     Raises:
         NotFound: unknown, deleted, expired or another project's file.
     """
-    row = session.exec(select(FileRow).where(FileRow.id == file_id, *_visible(project_id))).first()
+    row = session.exec(select(FileRow).where(FileRow.id == file_id, *visible(project_id))).first()
     if row is None:
         raise not_found("File", file_id, param=param)
     return row
@@ -277,11 +278,14 @@ def list_files(
     *, session: Session, project_id: str, purpose: str | None, limit: int, order: str, after: str | None
 ) -> FileList:
     """One page of the project's files, ordered by creation (`desc` newest first), after the file `after`."""
-    statement = select(FileRow).where(*_visible(project_id))
+    statement = select(FileRow).where(*visible(project_id))
     if purpose is not None:
         statement = statement.where(FileRow.purpose == purpose)
     if after is not None:
-        cursor = get_row(session=session, project_id=project_id, file_id=after, param="after")
+        try:
+            cursor = get_row(session=session, project_id=project_id, file_id=after, param="after")
+        except NotFound:
+            raise InvalidRequest(f"Invalid cursor `after`: no file {after}.", param="after") from None
         statement = statement.where(
             col(FileRow.pk) < cursor.pk if order == "desc" else col(FileRow.pk) > cursor.pk
         )

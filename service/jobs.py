@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from service import base_models, idempotency, metrics, queue
+from service import base_models, files, idempotency, metrics, queue
 from service.errors import InvalidRequest, NotFound, not_found
 from service.ids import new_id
 from service.job_status import TERMINAL, IllegalTransition, JobStatus, transition
@@ -200,9 +200,7 @@ def _check_lora(settings: Settings, request: JobCreateRequest) -> None:
 
 
 def _check_file(session: Session, project_id: str, file_id: str, *, param: str) -> FileRow:
-    statement = select(FileRow).where(
-        FileRow.id == file_id, FileRow.project_id == project_id, col(FileRow.deleted).is_(False)
-    )
+    statement = select(FileRow).where(FileRow.id == file_id, *files.visible(project_id))
     row = session.exec(statement).first()
     if row is None:
         raise InvalidRequest(f"Invalid file ID: {file_id} (no such file).", param=param, code="invalid_file")
