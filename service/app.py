@@ -171,6 +171,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     message = str(first.get("msg", "Invalid request")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         param, message = None, "The request body is not valid JSON."
+    elif first.get("type") == "missing" and param:
+        message = f"Missing required parameter: '{param}'."
+    elif first.get("type") == "missing":
+        message = "The request body is missing."
     elif first.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif param:

@@ -146,6 +146,8 @@ INVALID = [
     ({"lora": {"target_modules": ["q_proj", "../x"]}}, "lora.target_modules"),
     ({"lora": {"ranks": 8}}, "lora.ranks"),
     ({"unknown_key": 1}, "unknown_key"),
+    ({"training_file": None}, "training_file"),
+    ({"model": None}, "model"),
 ]
 
 
@@ -153,8 +155,12 @@ INVALID = [
 def test_create_validation_is_400_with_dotted_param(
     server: ApiServer, client, training_file: str, extra: dict, param: str
 ) -> None:  # type: ignore[no-untyped-def]
-    body = {"model": TINY, "training_file": training_file, **extra}
-    if body["training_file"] == "<batch>":
+    body = {
+        key: value
+        for key, value in {"model": TINY, "training_file": training_file, **extra}.items()
+        if value is not None
+    }
+    if body.get("training_file") == "<batch>":
         body["training_file"] = client.files.create(file=b"{}\n", purpose="batch").id
     before = len(client.fine_tuning.jobs.list(limit=100).data)
     response = httpx.post(
@@ -165,6 +171,19 @@ def test_create_validation_is_400_with_dotted_param(
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
     assert response.headers["x-request-id"].startswith("req_")
     assert len(client.fine_tuning.jobs.list(limit=100).data) == before
+
+
+def test_missing_fields_and_empty_body(server: ApiServer) -> None:
+    headers = {"Authorization": f"Bearer {server.key}"}
+    missing = httpx.post(f"{server.base_url}/fine_tuning/jobs", json={"model": TINY}, headers=headers).json()[
+        "error"
+    ]
+    assert missing == {"message": "Missing required parameter: 'training_file'.", "type": "invalid_request_error",
+                       "param": "training_file", "code": "invalid_request"}  # fmt: skip
+    empty = httpx.post(
+        f"{server.base_url}/fine_tuning/jobs", headers={**headers, "Content-Type": "application/json"}
+    )
+    assert empty.status_code == 400 and empty.json()["error"]["message"] == "The request body is missing."
 
 
 def test_sdk_raises_bad_request_with_param(client, training_file: str) -> None:  # type: ignore[no-untyped-def]
