@@ -90,6 +90,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if app.state.redis is not None:
             await app.state.redis.aclose()
+        inference_client = getattr(app.state, "inference_client", None)  # made lazily by service.gateway
+        if inference_client is not None:
+            await inference_client.aclose()
         app.state.engine.dispose()
 
 
