@@ -173,44 +173,55 @@ async def upload(
         InvalidRequest: a missing or bad `file`, `purpose` or `expires_after` field (nothing is kept).
         PayloadTooLarge: the file is over `limit` bytes (nothing is kept).
     """
-    earlier = idempotency.find(
-        session, project_id=project_id, kind="file", key=idempotency.check_key(idempotency_key)
-    )
+    key = idempotency.check_key(idempotency_key)
+    earlier = idempotency.find(session, project_id=project_id, kind="file", key=key)
     if earlier is not None:
-        async for _ in stream:  # the retry's body is not needed
+        async for _ in stream:  # a retry: its body is not needed
             pass
-        return to_openai(session.exec(select(FileRow).where(FileRow.id == earlier)).one())
+        return _by_id(session, earlier)
     file_id = new_id("file-")
-    key = f"files/{file_id}"
-    with store.writer(key) as sink:
+    with store.writer(f"files/{file_id}") as sink:
         reader = UploadReader(boundary_of(content_type), sink, limit=limit)
         await reader.read(stream)
         purpose, expires_at = _check_fields(reader)
+    row = FileRow(
+        id=file_id, project_id=project_id, bytes=reader.size, filename=reader.filename or "upload",
+        purpose=purpose, storage_key=f"files/{file_id}", status="processed",
+    )  # fmt: skip
+    row.expires_at = expires_at(row.created_at)
+    return await _register(session=session, store=store, row=row, idempotency_key=key)
+
+
+async def _register(
+    *, session: Session, store: ArtifactStore, row: FileRow, idempotency_key: str | None
+) -> FileObject:
+    """Validate a stored upload and commit its row; the stored bytes go when that fails."""
     try:
-        row = FileRow(
-            id=file_id, project_id=project_id, bytes=reader.size, filename=reader.filename or "upload",
-            purpose=purpose, storage_key=key, status="processed",
-        )  # fmt: skip
-        row.expires_at = expires_at(row.created_at)
-        if purpose == "fine-tune":
+        if row.purpose == "fine-tune":
             await run_in_threadpool(_validate, row, store)
         session.add(row)
         idempotency.record(
-            session, project_id=project_id, kind="file", key=idempotency_key, object_id=file_id
+            session, project_id=row.project_id, kind="file", key=idempotency_key, object_id=row.id
         )
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won
-        store.delete(key)
+        store.delete(row.storage_key)
         session.rollback()
-        winner = idempotency.find(session, project_id=project_id, kind="file", key=idempotency_key)
-        return to_openai(session.exec(select(FileRow).where(FileRow.id == winner)).one())
+        winner = idempotency.find(session, project_id=row.project_id, kind="file", key=idempotency_key)
+        return _by_id(session, str(winner))
     except BaseException:
-        store.delete(key)
+        store.delete(row.storage_key)
         raise
-    metrics.FILES_UPLOADED.labels(purpose=purpose, status=row.status).inc()
+    metrics.FILES_UPLOADED.labels(purpose=row.purpose, status=row.status).inc()
     metrics.UPLOAD_BYTES.inc(row.bytes)
-    logger.info("file %s: uploaded %d bytes, purpose %s, status %s", file_id, row.bytes, purpose, row.status)
+    logger.info(
+        "file %s: uploaded %d bytes, purpose %s, status %s", row.id, row.bytes, row.purpose, row.status
+    )
     return to_openai(row)
+
+
+def _by_id(session: Session, file_id: str) -> FileObject:
+    return to_openai(session.exec(select(FileRow).where(FileRow.id == file_id)).one())
 
 
 def _check_fields(reader: UploadReader) -> tuple[str, Callable[[int], int | None]]:

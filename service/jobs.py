@@ -128,13 +128,7 @@ def create(
     Raises:
         InvalidRequest: unknown model, unusable file, unsupported method, conflicting hyperparameters.
     """
-    if base_models.get(settings, request.model) is None:
-        known = ", ".join(base_models.known_ids(settings))
-        raise InvalidRequest(
-            f"Model {request.model!r} is not available for fine-tuning. Available models: {known}.",
-            param="model",
-            code="model_not_available",
-        )
+    _check_model(settings, request.model)
     method, hyperparameters = resolve_method(request)
     _check_lora(settings, request)
     key = idempotency.check_key(idempotency_key)
@@ -146,18 +140,35 @@ def create(
         if request.validation_file is not None:
             _check_file(session, project.id, request.validation_file, param="validation_file")
         job = _new_row(project, request, method, hyperparameters)
-        session.add(job)
-        session.add_all(_first_events(job))
-        idempotency.record(session, project_id=project.id, kind="job", key=key, object_id=job.id)
-        try:
-            session.commit()
-        except IntegrityError:  # a concurrent request with the same Idempotency-Key won
-            session.rollback()
+        if not _insert(session, job, key):
             winner = idempotency.find(session, project_id=project.id, kind="job", key=key)
             return get_row(session=session, project_id=project.id, job_id=str(winner)), False
     metrics.JOBS_CREATED.labels(base_model=job.model).inc()
     logger.info("job %s: created for project %s, model %s", job.id, project.name, job.model)
     return job, True
+
+
+def _check_model(settings: Settings, model: str) -> None:
+    if base_models.get(settings, model) is None:
+        known = ", ".join(base_models.known_ids(settings))
+        raise InvalidRequest(
+            f"Model {model!r} is not available for fine-tuning. Available models: {known}.",
+            param="model",
+            code="model_not_available",
+        )
+
+
+def _insert(session: Session, job: JobRow, key: str | None) -> bool:
+    """Commit the job with its first events; False when a concurrent request with the same key won."""
+    session.add(job)
+    session.add_all(_first_events(job))
+    idempotency.record(session, project_id=job.project_id, kind="job", key=key, object_id=job.id)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return False
+    return True
 
 
 def resolve_method(request: JobCreateRequest) -> tuple[dict[str, Any], dict[str, Any]]:
