@@ -10,12 +10,31 @@ from starlette.concurrency import run_in_threadpool
 
 from service import files
 from service.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, StoreDep
-from service.protocol import FileDeleted, FileList, FileObject
+from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
 
 router = APIRouter(tags=["files"])
 
 
-@router.post("/files")
+_UPLOAD_BODY = {  # documents the multipart body that `files.upload` parses itself, as a stream
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "purpose": {"type": "string", "enum": list(USER_PURPOSES)},
+                    "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                    "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
+                    "file": {"type": "string", "format": "binary"},
+                },
+            }
+        }
+    },
+}
+
+
+@router.post("/files", openapi_extra={"requestBody": _UPLOAD_BODY})
 async def create_file(request: Request, project: ProjectDep, session: SessionDep, store: StoreDep,
                       settings: SettingsDep, idempotency_key: IdempotencyKeyDep = None) -> FileObject:  # fmt: skip
     return await files.upload(
