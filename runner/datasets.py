@@ -98,7 +98,10 @@ class Tokenization:
                 last_answer = index
         encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(encoded["input_ids"])
-        labels = [tok if _inside(offset, spans) else IGNORE for tok, offset in zip(ids, encoded["offset_mapping"])]
+        labels = [
+            tok if _inside(offset, spans) else IGNORE
+            for tok, offset in zip(ids, encoded["offset_mapping"], strict=True)
+        ]
         answer = last_answer if last_answer is not None else _last_assistant(messages)
         prompt = messages[:answer] if answer is not None else messages
         reference = messages[answer]["content"] if answer is not None else ""
@@ -158,7 +161,11 @@ def user_prompt(example: dict) -> str:
     """The user text of one example dict (chat: user messages joined; completion: the prompt)."""
     if "prompt" in example:
         return str(example["prompt"])
-    parts = [m.get("content") for m in example.get("messages", []) if isinstance(m, dict) and m.get("role") == "user"]
+    parts = [
+        m.get("content")
+        for m in example.get("messages", [])
+        if isinstance(m, dict) and m.get("role") == "user"
+    ]
     return "\n".join(p if isinstance(p, str) else json.dumps(p) for p in parts)
 
 

@@ -61,8 +61,10 @@ def evaluate(
         "perplexity": math.exp(min(loss, 50.0)),
         "token_accuracy": accuracy,
         "n_generated": len(sample),
-        "exact_match": _mean([p == r for p, r in zip(predictions, references)]),
-        "character_error_rate": _mean([char_error_rate(p, r) for p, r in zip(predictions, references)]),
+        "exact_match": _mean([p == r for p, r in zip(predictions, references, strict=True)]),
+        "character_error_rate": _mean(
+            [char_error_rate(p, r) for p, r in zip(predictions, references, strict=True)]
+        ),
     }
     result.update(label_metrics(predictions, references))
     return result
@@ -141,13 +143,13 @@ def label_metrics(predictions: list[str], references: list[str]) -> dict[str, An
         return {}
     f1s = []
     for label in counts:
-        tp = sum(1 for p, r in zip(predictions, references) if p == r == label)
-        fp = sum(1 for p, r in zip(predictions, references) if p == label != r)
-        fn = sum(1 for p, r in zip(predictions, references) if r == label != p)
+        tp = sum(1 for p, r in zip(predictions, references, strict=True) if p == r == label)
+        fp = sum(1 for p, r in zip(predictions, references, strict=True) if p == label != r)
+        fn = sum(1 for p, r in zip(predictions, references, strict=True) if r == label != p)
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     return {
         "labels": sorted(counts),
-        "label_accuracy": _mean([p == r for p, r in zip(predictions, references)]),
+        "label_accuracy": _mean([p == r for p, r in zip(predictions, references, strict=True)]),
         "macro_f1": sum(f1s) / len(f1s),
     }
 

@@ -75,7 +75,11 @@ def resolve(
     epochs = auto_epochs(n_examples) if _is_auto(n_epochs) else _positive(n_epochs, "n_epochs", int)
     batch = auto_batch_size(n_examples) if _is_auto(batch_size) else _positive(batch_size, "batch_size", int)
     batch = min(batch, max(1, n_examples))
-    lr = 1.0 if _is_auto(learning_rate_multiplier) else _positive(learning_rate_multiplier, "learning_rate_multiplier", float)
+    lr = (
+        1.0
+        if _is_auto(learning_rate_multiplier)
+        else _positive(learning_rate_multiplier, "learning_rate_multiplier", float)
+    )
     return Hyperparameters(int(epochs), int(batch), float(lr))
 
 
@@ -85,7 +89,7 @@ def _is_auto(value: Any) -> bool:
 
 def _positive(value: Any, name: str, kind: type) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive number or \"auto\", got {value!r}")
+        raise ValueError(f'`{name}` must be a positive number or "auto", got {value!r}')
     if kind is int and int(value) != value:
         raise ValueError(f"`{name}` must be a whole number, got {value!r}")
     return kind(value)

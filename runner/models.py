@@ -93,7 +93,7 @@ def _convert_gguf(spec: str, out: Path) -> None:
     )
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     _drop_null_quantization(out / "config.json")
@@ -127,7 +127,7 @@ def _make_tiny(tokenizer_from: Path, out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

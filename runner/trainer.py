@@ -58,7 +58,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     micro_batch_tokens: int = 4096  # padded tokens per forward pass (memory bound)
     device: str = "auto"  # auto (cuda when available), cpu, cuda
-    dtype: str = "auto"  # base weights: auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), bfloat16, float32
+    dtype: str = (
+        "auto"  # base weights: auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), bfloat16, float32
+    )
     threads: int = 0  # torch CPU threads; 0 = every core
     qlora: bool = False  # 4-bit base weights (bitsandbytes; CUDA only)
     eval_interval: int = 0  # steps between validation batches; 0 = about ten times per run
@@ -81,7 +83,9 @@ class TrainConfig:
 class TrainCallbacks:
     """Hooks the trainer calls from its own thread; the default does nothing. The worker subclasses it."""
 
-    def on_start(self, *, total_steps: int, hyperparameters: hyperparameters.Hyperparameters, step: int) -> None:
+    def on_start(
+        self, *, total_steps: int, hyperparameters: hyperparameters.Hyperparameters, step: int
+    ) -> None:
         """Training is about to start at `step` (0, or the resumed step) of `total_steps`."""
 
     def on_step(self, step: int, total_steps: int, metrics: dict[str, Any]) -> None:
@@ -106,7 +110,9 @@ class TrainResult:
     total_steps: int
     stopped: StopReason | None  # None when every step ran
     adapter_dir: Path | None  # the final adapter (None when stopped)
-    history: list[dict[str, Any]] = field(default_factory=list)  # metrics of every step, resumed ones included
+    history: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # metrics of every step, resumed ones included
     trained_tokens: int = 0  # tokens of the training data x epochs (the billing count)
     model: Any = None  # the trained PEFT model (eval mode) for evaluation; None when stopped
 
@@ -219,7 +225,7 @@ def load_model(config: TrainConfig, device: torch.device) -> Any:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
@@ -242,7 +248,9 @@ def _qlora_config(device: torch.device) -> Any:
         )
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
 
 
 def _schedule(config: TrainConfig, total_steps: int) -> Any:
@@ -283,7 +291,9 @@ class _Run:
         params = [p for p in self.model.parameters() if p.requires_grad]
         lr = config.base_learning_rate * self.hp.learning_rate_multiplier
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _schedule(config, self.total_steps)
+        )
         self.pad_id = _pad_id(config.model_path)
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -314,7 +324,9 @@ class _Run:
             (loss / n_labels).backward()
             total_loss += float(loss.detach())
             total_correct += correct
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.config.max_grad_norm
+        )
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -398,7 +410,9 @@ class _Run:
 
         state = torch.load(folder / STATE_FILE, weights_only=False)
         if state["fingerprint"] != self.fingerprint():
-            raise ValueError(f"resume state of a different run: {state['fingerprint']} != {self.fingerprint()}")
+            raise ValueError(
+                f"resume state of a different run: {state['fingerprint']} != {self.fingerprint()}"
+            )
         weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"), device=str(self.device))
         set_peft_model_state_dict(self.model, weights)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -448,14 +462,18 @@ def train(
     run = _Run(config, train_set, valid_set, callbacks)
     epoch, batch_index = run.load_state(resume) if resume else (0, 0)
     callbacks.on_start(total_steps=run.total_steps, hyperparameters=run.hp, step=run.step)
-    logger.info("training %s: %d steps from step %d, %s", config.model_path.name, run.total_steps, run.step, run.hp)
+    logger.info(
+        "training %s: %d steps from step %d, %s", config.model_path.name, run.total_steps, run.step, run.hp
+    )
     stopped = _loop(run, epoch, batch_index)
     trained_tokens = train_set.n_tokens * run.hp.n_epochs
     if stopped:
         return TrainResult(run.hp, run.step, run.total_steps, stopped, None, run.history, trained_tokens)
     adapter = run.save_adapter(config.output_dir / "adapter")
     run.model.eval()
-    return TrainResult(run.hp, run.step, run.total_steps, None, adapter, run.history, trained_tokens, run.model)
+    return TrainResult(
+        run.hp, run.step, run.total_steps, None, adapter, run.history, trained_tokens, run.model
+    )
 
 
 def _loop(run: _Run, epoch: int, batch_index: int) -> StopReason | None:

@@ -1,0 +1,487 @@
+"""The `train_job` queue function: one training attempt of a job, from lease to `succeeded`.
+
+The trainer runs in a thread (`asyncio.to_thread`) while an asyncio task renews the lease. `JobCallbacks` turns
+the trainer's hooks into job events, checkpoints and resume state, and reads cancel/pause from the job row
+between steps. Every exit path releases the lease; failures end in `failed` with an OpenAI error code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from runner import artifacts, lease
+from runner.datasets import DEFAULT_MAX_SEQ_LEN, Dataset, Tokenization, load_dataset
+from runner.hyperparameters import Hyperparameters
+from runner.trainer import StopReason, TrainCallbacks, TrainConfig, TrainResult, train
+from service import metrics
+from service.ids import new_id, now
+from service.job_status import IllegalTransition, JobStatus, add_event, transition
+from service.naming import fine_tuned_model_name
+from service.queue import publish_adapter_event
+from service.settings import Settings
+from service.storage import ArtifactStore
+from service.tables import FileRow, JobRow
+
+logger = logging.getLogger(__name__)
+
+STATUS_POLL_SECONDS = 0.5  # how often the training thread reads the job's status (cancel / pause)
+ESTIMATE_SECONDS = 5.0  # how often `estimated_finish` and `step` are written
+
+
+class TrainingFailed(Exception):
+    """The job fails with this OpenAI error code and message."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+
+
+class JobCallbacks(TrainCallbacks):
+    """Trainer hooks of one job attempt (called from the training thread)."""
+
+    def __init__(self, *, engine: Engine, store: ArtifactStore, job: JobRow, owner: str, model_name: str,
+                 keep: int) -> None:  # fmt: skip
+        self.engine, self.store, self.job, self.owner = engine, store, job, owner
+        self.model_name, self.keep = model_name, keep
+        self.lost = False  # set when another worker took the lease
+        self.shutdown = False  # set when this worker is stopping
+        self.deleted_models: list[str] = []
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self.last_poll = 0.0
+        self.last_estimate = 0.0
+        self.last_metrics: dict[str, Any] = {}
+
+    def on_start(self, *, total_steps: int, hyperparameters: Hyperparameters, step: int) -> None:
+        values = hyperparameters.as_dict()
+        method = dict(self.job.method or {"type": "supervised"})
+        kind = method.get("type", "supervised")
+        method[kind] = {**(method.get(kind) or {}), "hyperparameters": values}
+        _update_job(
+            self.engine,
+            self.job.id,
+            hyperparameters=values,
+            method=method,
+            total_steps=total_steps,
+            step=step,
+        )
+        self.first_step = step
+        if step:
+            add_event(
+                self.engine, self.job.id, f"Resuming from step {step}/{total_steps} (saved training state)"
+            )
+
+    def on_step(self, step: int, total_steps: int, values: dict[str, Any]) -> None:
+        self.last_metrics = values
+        data = {k: v for k, v in values.items() if k in _EVENT_METRICS}
+        data["total_steps"] = total_steps
+        add_event(
+            self.engine, self.job.id, _step_message(step, total_steps, values), type="metrics", data=data
+        )
+        _count_step(self.job.model, values)
+        if time.monotonic() - self.last_estimate >= ESTIMATE_SECONDS or step == total_steps:
+            self.last_estimate = time.monotonic()
+            _update_job(
+                self.engine, self.job.id, step=step, estimated_finish=self._estimate(step, total_steps)
+            )
+
+    def _estimate(self, step: int, total_steps: int) -> int:
+        done = max(1, step - (self.first_step or 0))
+        per_step = (time.monotonic() - self.started) / done
+        return int(now() + per_step * (total_steps - step))
+
+    def on_checkpoint(self, step: int, epoch: int, adapter_dir: Path) -> None:
+        if self.lost:
+            return
+        artifacts.save_checkpoint(self.engine, self.store, job=self.job, model_name=self.model_name, step=step,
+                                  adapter_dir=adapter_dir, metrics=self.last_metrics)  # fmt: skip
+        add_event(self.engine, self.job.id, f"Checkpoint created at step {step}")
+        self.deleted_models += artifacts.prune_checkpoints(
+            self.engine, self.store, job_id=self.job.id, keep=self.keep
+        )
+
+    def on_resume_state(self, step: int, state_dir: Path) -> None:
+        if not self.lost:
+            self.store.put_dir(artifacts.state_key(self.job.id), state_dir)
+
+    def should_stop(self) -> StopReason | None:
+        if self.shutdown:
+            return "pause"
+        if self.lost:
+            return "cancel"
+        if time.monotonic() - self.last_poll < STATUS_POLL_SECONDS:
+            return None
+        self.last_poll = time.monotonic()
+        status, owner = lease.owner_of(self.engine, self.job.id)
+        if owner != self.owner:
+            self.lost = True
+            return "cancel"
+        if status == JobStatus.paused:
+            return "pause"
+        if status == JobStatus.cancelled:
+            return "cancel"
+        return None
+
+
+_EVENT_METRICS = {
+    "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+    "full_valid_loss", "full_valid_mean_token_accuracy", "tokens",
+}  # fmt: skip
+
+
+def _step_message(step: int, total_steps: int, values: dict[str, Any]) -> str:
+    text = f"Step {step}/{total_steps}: training loss={values['train_loss']:.2f}"
+    if values.get("valid_loss") is not None:
+        text += f", validation loss={values['valid_loss']:.2f}"
+    if values.get("full_valid_loss") is not None:
+        text += f", full validation loss={values['full_valid_loss']:.2f}"
+    return text
+
+
+def _count_step(base_model: str, values: dict[str, Any]) -> None:
+    metrics.TRAIN_STEPS.labels(base_model=base_model).inc()
+    metrics.TRAIN_TOKENS.labels(base_model=base_model).inc(values["tokens"])
+    metrics.TRAIN_STEP_SECONDS.labels(base_model=base_model).observe(values["seconds"])
+    metrics.TRAIN_LOSS.labels(base_model=base_model).set(values["train_loss"])
+    metrics.TRAIN_TOKENS_PER_SECOND.labels(base_model=base_model).set(
+        values["tokens"] / max(1e-9, values["seconds"])
+    )
+
+
+def _update_job(engine: Engine, job_id: str, **values: Any) -> None:
+    with Session(engine) as session:
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))  # type: ignore[arg-type]
+        session.commit()
+
+
+def new_owner() -> str:
+    """A unique lease owner name for one attempt: host, pid and a random part."""
+    return new_id(f"{socket.gethostname()}:{os.getpid()}:", 8)
+
+
+async def train_job(ctx: dict[str, Any], job_id: str) -> str:
+    """arq function: train (or resume) job `job_id`. Safe to run twice: without the lease it does nothing.
+
+    Returns:
+        What happened: skipped, succeeded, failed, paused, cancelled, lost or requeued.
+    """
+    settings: Settings = ctx["settings"]
+    engine: Engine = ctx["engine"]
+    owner = new_owner()
+    job = lease.acquire(engine, job_id, owner=owner, seconds=settings.lease_seconds)
+    if job is None:
+        logger.info("job %s: not trainable now (not queued, or leased by another worker)", job_id)
+        return "skipped"
+    outcome = "crashed"
+    try:
+        outcome = await _attempt(ctx, job, owner)
+        return outcome
+    finally:
+        lease.release(engine, job_id, owner=owner, clean=outcome in {"paused", "requeued", "succeeded"})
+        metrics.TRAIN_RUNS.labels(base_model=job.model, outcome=outcome).inc()
+
+
+async def _attempt(ctx: dict[str, Any], job: JobRow, owner: str) -> str:
+    settings: Settings = ctx["settings"]
+    engine: Engine = ctx["engine"]
+    if job.attempts > settings.job_max_attempts:
+        message = (
+            f"Training was interrupted {job.attempts - 1} times (the limit is {settings.job_max_attempts})"
+        )
+        return _fail(engine, job, TrainingFailed("too_many_attempts", message))
+    if not _start(engine, job):
+        return "skipped"
+    heartbeat = asyncio.create_task(_heartbeat(engine, job.id, owner, settings.lease_seconds, ctx))
+    try:
+        return await _train_and_finish(ctx, job, owner)
+    except TrainingFailed as exc:
+        return _fail(engine, job, exc)
+    except Exception as exc:  # noqa: BLE001  every other error fails the job with its message, not a hang
+        logger.exception("job %s: training failed", job.id)
+        return _fail(engine, job, _classify(exc))
+    finally:
+        heartbeat.cancel()
+
+
+def _start(engine: Engine, job: JobRow) -> bool:
+    """Move the job to running (a takeover of an expired running job just says so). False when it moved away."""
+    if job.status == JobStatus.running:
+        add_event(engine, job.id, "Worker lost; resuming from the newest checkpoint", level="warn")
+        return True
+    try:
+        transition(engine, job.id, JobStatus.running, message="Fine-tuning job started", expect=JobStatus.queued,
+                   started_at=job.started_at or now())  # fmt: skip
+    except IllegalTransition:
+        logger.info("job %s: no longer queued; not starting", job.id)
+        return False
+    return True
+
+
+def _classify(exc: Exception) -> TrainingFailed:
+    import torch
+
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in text.lower():
+        return TrainingFailed("out_of_memory", f"Training ran out of memory: {text[:300]}")
+    return TrainingFailed("training_failed", f"Training failed: {type(exc).__name__}: {text[:500]}")
+
+
+def _fail(engine: Engine, job: JobRow, exc: TrainingFailed) -> str:
+    error = {"code": exc.code, "message": exc.message, "param": exc.param}
+    try:
+        transition(engine, job.id, JobStatus.failed, message=exc.message, level="error",
+                   expect={JobStatus.queued, JobStatus.running}, error=error, estimated_finish=None)  # fmt: skip
+    except IllegalTransition:
+        logger.info("job %s: not failed (%s): it moved on already", job.id, exc.code)
+    return "failed"
+
+
+async def _heartbeat(engine: Engine, job_id: str, owner: str, seconds: float, ctx: dict[str, Any]) -> None:
+    while True:
+        await asyncio.sleep(max(0.2, seconds / 3))
+        if not lease.renew(engine, job_id, owner=owner, seconds=seconds):
+            logger.warning("job %s: lease lost by %s", job_id, owner)
+            callbacks = ctx.get("callbacks", {}).get(job_id)
+            if callbacks is not None:
+                callbacks.lost = True
+            return
+
+
+async def _train_and_finish(ctx: dict[str, Any], job: JobRow, owner: str) -> str:
+    settings: Settings = ctx["settings"]
+    engine: Engine = ctx["engine"]
+    store: ArtifactStore = ctx["store"]
+    project = artifacts.project_name(engine, job.project_id)
+    model_name = fine_tuned_model_name(
+        base_model=job.model, project=project, suffix=job.suffix, job_id=job.id
+    )
+    callbacks = JobCallbacks(engine=engine, store=store, job=job, owner=owner, model_name=model_name,
+                             keep=settings.checkpoints_keep)  # fmt: skip
+    ctx.setdefault("callbacks", {})[job.id] = callbacks
+    work = Path(tempfile.mkdtemp(dir=_work_root(settings), prefix=f"{job.id}-"))
+    try:
+        future = asyncio.ensure_future(asyncio.to_thread(_run, settings, store, job, work, callbacks))
+        try:
+            run = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            return await _shutdown(engine, job, callbacks, future)
+        return await _outcome(ctx, job, callbacks, run, model_name)
+    finally:
+        ctx["callbacks"].pop(job.id, None)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def _shutdown(engine: Engine, job: JobRow, callbacks: JobCallbacks, future: asyncio.Future) -> str:
+    """The worker is stopping: let the trainer save resume state, then put the job back in the queue."""
+    callbacks.shutdown = True
+    await asyncio.wait([future], timeout=120)
+    with contextlib.suppress(IllegalTransition):
+        transition(engine, job.id, JobStatus.queued, message="Worker stopped; the job will resume on another worker",
+                   level="warn", expect=JobStatus.running)  # fmt: skip
+    return "requeued"
+
+
+class _RunOutput:
+    def __init__(self, result: TrainResult, evaluation: dict | None, prompts: list[str]) -> None:
+        self.result, self.evaluation, self.prompts = result, evaluation, prompts
+
+
+def _run(
+    settings: Settings, store: ArtifactStore, job: JobRow, work: Path, callbacks: JobCallbacks
+) -> _RunOutput:
+    """The thread: prepare the model, load data, train, evaluate."""
+    from transformers import AutoTokenizer
+
+    from runner.models import UnknownModel, ensure_prepared
+
+    try:
+        base = ensure_prepared(settings, job.model)
+    except UnknownModel as exc:
+        raise TrainingFailed(
+            "unsupported_model", f"Model {job.model} is not available for fine-tuning", "model"
+        ) from exc
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    tokenization = Tokenization(tokenizer, max_seq_len=_max_seq_len(base.path))
+    train_set = _load(job, store, job.training_file, tokenization, callbacks.engine)
+    valid_set = (
+        _load(job, store, job.validation_file, tokenization, callbacks.engine)
+        if job.validation_file
+        else None
+    )
+    resume = _fetch_state(store, job.id, work)
+    config = _config(settings, job, base.path, work)
+    result = train(config, train_set, valid_set, callbacks=callbacks, resume=resume)
+    evaluation = None
+    if result.model is not None and valid_set is not None and len(valid_set):
+        from runner.evaluation import evaluate
+
+        evaluation = evaluate(
+            result.model, tokenizer, valid_set, micro_batch_tokens=config.micro_batch_tokens
+        )
+    result.model = None
+    return _RunOutput(result, evaluation, train_set.prompts)
+
+
+def _work_root(settings: Settings) -> Path:
+    root = settings.home_dir / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _max_seq_len(model_path: Path) -> int:
+    config = json.loads((model_path / "config.json").read_text())
+    return min(DEFAULT_MAX_SEQ_LEN, int(config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN))
+
+
+def _load(
+    job: JobRow, store: ArtifactStore, file_id: str, tokenization: Tokenization, engine: Engine
+) -> Dataset:
+    with Session(engine) as session:
+        row = session.exec(select(FileRow).where(FileRow.id == file_id)).first()
+    if row is None or row.deleted:
+        param = "training_file" if file_id == job.training_file else "validation_file"
+        raise TrainingFailed(f"invalid_{param}", f"File {file_id} no longer exists", param)
+    with store.open(row.storage_key) as handle:
+        dataset = load_dataset(handle, tokenization)
+    if dataset.truncated:
+        add_event(engine, job.id, f"{dataset.truncated} example(s) of {file_id} are longer than "
+                  f"{tokenization.max_seq_len} tokens and were truncated", level="warn")  # fmt: skip
+    if dataset.no_labels:
+        add_event(engine, job.id, f"{dataset.no_labels} example(s) of {file_id} have no trained tokens "
+                  "(every assistant message has weight 0, or it was truncated away)", level="warn")  # fmt: skip
+    return dataset
+
+
+def _fetch_state(store: ArtifactStore, job_id: str, work: Path) -> Path | None:
+    key = artifacts.state_key(job_id)
+    if not store.exists(key):
+        return None
+    local = work / "resume"
+    shutil.copytree(store.path(key), local)
+    return local
+
+
+def _config(settings: Settings, job: JobRow, model_path: Path, work: Path) -> TrainConfig:
+    asked = _asked_hyperparameters(job)
+    lora = job.lora or {}
+    return TrainConfig(
+        model_path=model_path,
+        output_dir=work / "run",
+        base_model_name=job.model,
+        n_epochs=asked.get("n_epochs", "auto"),
+        batch_size=asked.get("batch_size", "auto"),
+        learning_rate_multiplier=asked.get("learning_rate_multiplier", "auto"),
+        lora_rank=int(lora.get("rank") or 16),
+        lora_alpha=int(lora.get("alpha") or 32),
+        lora_dropout=float(lora["dropout"]) if lora.get("dropout") is not None else 0.05,
+        target_modules=lora.get("target_modules") or None,
+        qlora=bool(lora.get("qlora", False)),
+        seed=job.seed,
+        device=settings.train_device,
+        threads=settings.train_threads,
+        resume_state_seconds=settings.resume_state_seconds,
+    )
+
+
+def _asked_hyperparameters(job: JobRow) -> dict[str, Any]:
+    method = job.method or {}
+    kind = method.get("type", "supervised")
+    if kind != "supervised":
+        raise TrainingFailed(
+            "unsupported_method", f"Method {kind!r} is not supported yet; use supervised", "method.type"
+        )
+    nested = (method.get(kind) or {}).get("hyperparameters") or {}
+    return {**(job.hyperparameters or {}), **nested}
+
+
+async def _outcome(
+    ctx: dict[str, Any], job: JobRow, callbacks: JobCallbacks, run: _RunOutput, model_name: str
+) -> str:
+    engine: Engine = ctx["engine"]
+    result = run.result
+    if callbacks.lost:
+        logger.warning("job %s: stopped at step %d; another worker holds the lease", job.id, result.step)
+        return "lost"
+    if result.stopped == "pause":
+        add_event(engine, job.id, f"Training paused at step {result.step}/{result.total_steps}; state saved")
+        return "paused"
+    if result.stopped == "cancel":
+        add_event(
+            engine, job.id, f"Training stopped at step {result.step}/{result.total_steps}; checkpoints kept"
+        )
+        return "cancelled"
+    return await _finish(ctx, job, callbacks, run, model_name)
+
+
+async def _finish(
+    ctx: dict[str, Any], job: JobRow, callbacks: JobCallbacks, run: _RunOutput, model_name: str
+) -> str:
+    engine: Engine = ctx["engine"]
+    store: ArtifactStore = ctx["store"]
+    result = run.result
+    assert result.adapter_dir is not None
+    artifacts.save_final_model(engine, store, job=job, model_name=model_name, adapter_dir=result.adapter_dir)
+    file_id = artifacts.save_result_file(engine, store, job=job, history=result.history)
+    _save_drift_profile(store, job.id, run.prompts)
+    if run.evaluation is not None:
+        add_event(engine, job.id, _evaluation_message(run.evaluation), data={"evaluation": run.evaluation})
+    else:
+        add_event(engine, job.id, "No validation file; the final evaluation was skipped")
+    redis = ctx["redis"]
+    for name in callbacks.deleted_models:
+        await publish_adapter_event(redis, "deleted", name)
+    for name in [*artifacts.live_checkpoint_names(engine, job.id), model_name]:
+        await publish_adapter_event(redis, "ready", name)
+    add_event(engine, job.id, f"New fine-tuned model created: {model_name}")
+    try:
+        transition(engine, job.id, JobStatus.succeeded, message="The job has successfully completed",
+                   expect=JobStatus.running, fine_tuned_model=model_name, result_files=[file_id],
+                   trained_tokens=result.trained_tokens, evaluation=run.evaluation, estimated_finish=None,
+                   step=result.step)  # fmt: skip
+    except IllegalTransition:
+        logger.warning("job %s: finished training but it was moved meanwhile", job.id)
+        return "cancelled"
+    store.delete(artifacts.state_key(job.id))
+    return "succeeded"
+
+
+def _evaluation_message(evaluation: dict[str, Any]) -> str:
+    parts = [f"loss={evaluation['loss']:.3f}", f"perplexity={evaluation['perplexity']:.2f}",
+             f"token accuracy={evaluation['token_accuracy']:.3f}"]  # fmt: skip
+    if evaluation.get("exact_match") is not None:
+        parts.append(f"exact match={evaluation['exact_match']:.3f}")
+        parts.append(f"character error rate={evaluation['character_error_rate']:.3f}")
+    if evaluation.get("macro_f1") is not None:
+        parts.append(
+            f"label accuracy={evaluation['label_accuracy']:.3f}, macro-F1={evaluation['macro_f1']:.3f}"
+        )
+    return "Evaluation on the validation file: " + ", ".join(parts)
+
+
+def _save_drift_profile(store: ArtifactStore, job_id: str, prompts: list[str]) -> None:
+    try:
+        from service import drift
+    except ImportError:
+        return
+    if not hasattr(drift, "build_profile") or not any(prompts):
+        return
+    try:
+        store.write_bytes(
+            f"jobs/{job_id}/drift_profile.json", json.dumps(drift.build_profile(prompts)).encode()
+        )
+    except Exception:  # noqa: BLE001  the drift profile is optional; the model is what matters
+        logger.exception("job %s: cannot build the drift profile", job_id)

@@ -1,0 +1,109 @@
+"""The `validate_job` queue function: check a job's files with the base model's tokenizer, then queue it.
+
+The API validated the files' syntax at upload; here they are validated again as the trainer will read them
+(token counts with the base model's tokenizer), and the job fails with OpenAI's error codes
+(`invalid_n_examples`, `invalid_training_file`, ..., `unsupported_model`) naming the line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from runner.datasets import Tokenization
+from service.job_status import IllegalTransition, JobStatus, add_event, transition
+from service.queue import TRAIN_JOB, enqueue
+from service.settings import Settings
+from service.storage import ArtifactStore
+from service.tables import FileRow, JobRow
+
+logger = logging.getLogger(__name__)
+
+
+class JobInvalid(Exception):
+    def __init__(self, error: dict) -> None:
+        super().__init__(error["message"])
+        self.error = error
+
+
+async def validate_job(ctx: dict[str, Any], job_id: str) -> str:
+    """arq function: validate job `job_id`'s files; `failed` with an error, or `queued` and TRAIN_JOB enqueued.
+
+    Returns:
+        skipped (not in validating_files), failed or queued.
+    """
+    settings: Settings = ctx["settings"]
+    engine: Engine = ctx["engine"]
+    with Session(engine) as session:
+        job = session.exec(select(JobRow).where(JobRow.id == job_id)).first()
+    if job is None or job.status != JobStatus.validating_files:
+        return "skipped"
+    try:
+        await asyncio.to_thread(_check, settings, engine, ctx["store"], job)
+    except JobInvalid as exc:
+        return _fail(engine, job_id, exc.error)
+    try:
+        transition(engine, job_id, JobStatus.queued, message="Files validated, moving job to queued state",
+                   expect=JobStatus.validating_files)  # fmt: skip
+    except IllegalTransition:
+        return "skipped"
+    await enqueue(engine, ctx["redis"], function=TRAIN_JOB, job_id=job_id, queue_name=settings.queue_name)
+    return "queued"
+
+
+def _fail(engine: Engine, job_id: str, error: dict) -> str:
+    try:
+        transition(engine, job_id, JobStatus.failed, message=error["message"], level="error",
+                   expect=JobStatus.validating_files, error=error)  # fmt: skip
+    except IllegalTransition:
+        return "skipped"
+    return "failed"
+
+
+def _check(settings: Settings, engine: Engine, store: ArtifactStore, job: JobRow) -> None:
+    from transformers import AutoTokenizer
+
+    from runner.models import UnknownModel, ensure_prepared
+    from service.validation import validate_jsonl
+
+    try:
+        base = ensure_prepared(settings, job.model)
+    except (UnknownModel, FileNotFoundError) as exc:
+        message = f"Model {job.model} is not available for fine-tuning"
+        raise JobInvalid({"code": "unsupported_model", "message": message, "param": "model"}) from exc
+    tokenization = Tokenization(AutoTokenizer.from_pretrained(base.path))
+    files = [("training_file", job.training_file, settings.min_examples)]
+    if job.validation_file:
+        files.append(("validation_file", job.validation_file, 1))
+    for param, file_id, minimum in files:
+        row = _file(engine, file_id, job.project_id)
+        if row is None:
+            raise JobInvalid(
+                {"code": f"invalid_{param}", "message": f"File {file_id} does not exist", "param": param}
+            )
+        with store.open(row.storage_key) as handle:
+            report = validate_jsonl(
+                handle, count_tokens=tokenization.count_tokens, max_tokens=tokenization.max_seq_len
+            )
+        error = report.job_error(param=param, min_examples=minimum)
+        if error is None and report.format == "preference":
+            message = "Preference (DPO) files cannot be trained yet; use chat or prompt/completion examples"
+            error = {"code": f"invalid_{param}", "message": message, "param": param}
+        if error is not None:
+            raise JobInvalid(error)
+        if report.too_long:
+            add_event(engine, job.id, f"{report.too_long} example(s) of {file_id} exceed {tokenization.max_seq_len} "
+                      "tokens and will be truncated", level="warn")  # fmt: skip
+        logger.info("job %s: %s %s ok: %s", job.id, param, file_id, report.summary())
+
+
+def _file(engine: Engine, file_id: str, project_id: str) -> FileRow | None:
+    with Session(engine) as session:
+        row = session.exec(
+            select(FileRow).where(FileRow.id == file_id, FileRow.project_id == project_id)
+        ).first()
+    return None if row is None or row.deleted else row
