@@ -26,13 +26,14 @@ from service.job_status import TERMINAL
 from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
 from service.storage import ArtifactStore
 from service.tables import FileRow, JobRow
-from service.validation import validate_jsonl
+from service.validation import read_lines, validate_jsonl
 
 logger = logging.getLogger(__name__)
 
 MIN_EXPIRY, MAX_EXPIRY = 3600, 2592000  # expires_after[seconds] range
 BATCH_EXPIRY = 30 * 24 * 3600  # batch files expire after 30 days unless told otherwise
 MAX_FIELD_BYTES = 4096  # a non-file form field longer than this is refused
+MAX_LINE_BYTES = 16 * 1024 * 1024  # a training example (one JSONL line) longer than this is an error
 
 
 def to_openai(row: FileRow) -> FileObject:
@@ -248,7 +249,9 @@ def _check_fields(reader: UploadReader) -> tuple[str, Callable[[int], int | None
 
 def _validate(row: FileRow, store: ArtifactStore) -> None:
     with store.open(row.storage_key) as handle:
-        report = validate_jsonl(handle)
+        report = validate_jsonl(
+            read_lines(handle, max_line_bytes=MAX_LINE_BYTES), max_line_bytes=MAX_LINE_BYTES
+        )
     row.data_format, row.n_examples = report.format, report.n_examples
     if report.counts or report.n_examples == 0:
         row.status = "error"

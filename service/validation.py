@@ -13,9 +13,9 @@ mixed formats, weights, prompt/completion and preference shapes, tools).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 CHAT, COMPLETION, PREFERENCE = "chat", "completion", "preference"
 MESSAGE_KEYS = frozenset({"role", "content", "name", "function_call", "weight", "tool_calls", "tool_call_id"})
@@ -26,7 +26,7 @@ PROBLEMS_PER_KEY = 5  # problems kept per key (counts cover every line)
 
 # Keys that mean the file is not JSONL at all (job error `invalid_file_format`); every other key is a schema
 # problem (`invalid_training_file` / `invalid_validation_file`).
-FORMAT_KEYS = frozenset({"invalid_encoding", "invalid_json"})
+FORMAT_KEYS = frozenset({"invalid_encoding", "invalid_json", "line_too_long"})
 
 
 @dataclass
@@ -119,6 +119,7 @@ def validate_jsonl(
     *,
     count_tokens: Callable[[dict], int] | None = None,
     max_tokens: int | None = None,
+    max_line_bytes: int | None = None,
 ) -> Report:
     """Check a JSONL training file line by line.
 
@@ -126,6 +127,7 @@ def validate_jsonl(
         lines: the file's lines as bytes (a binary file object works), with or without line endings.
         count_tokens: tokens of one valid example; enables `n_tokens` and the `max_tokens` check.
         max_tokens: examples with more tokens are counted in `too_long`.
+        max_line_bytes: longer lines are a `line_too_long` problem (`read_lines` cuts them to one byte more).
 
     Returns:
         The report: format, example count, problems by key with line numbers, token totals.
@@ -138,6 +140,11 @@ def validate_jsonl(
         if not data.strip():
             continue
         report.n_examples += 1
+        if max_line_bytes is not None and len(data) > max_line_bytes:
+            report._add(
+                [Problem("line_too_long", number, None, f"the line is longer than {max_line_bytes} bytes")]
+            )
+            continue
         example, problems = _parse(data, number)
         if example is not None:
             problems = _check_example(example, number, report)
@@ -146,6 +153,16 @@ def validate_jsonl(
         if example is not None and not problems and count_tokens is not None:
             _count(report, example, number, count_tokens, max_tokens)
     return report
+
+
+def read_lines(handle: BinaryIO, *, max_line_bytes: int) -> Iterator[bytes]:
+    """The lines of a binary file, each cut to `max_line_bytes + 1` bytes so that one huge line is never held
+    in memory (pass the same `max_line_bytes` to `validate_jsonl`, which then reports it)."""
+    while line := handle.readline(max_line_bytes + 1):
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            while (rest := handle.readline(max_line_bytes + 1)) and not rest.endswith(b"\n"):
+                pass  # skip the rest of the long line
+        yield line
 
 
 def _count(

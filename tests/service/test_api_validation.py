@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from service.validation import Report, validate_jsonl
+from service.validation import Report, read_lines, validate_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 GOOD_LINE = json.dumps(GOOD).encode()
@@ -198,3 +198,14 @@ def test_reads_a_file_object_line_by_line() -> None:
     buffer = io.BytesIO(b"".join(GOOD_LINE + b"\n" for _ in range(1000)))
     report = validate_jsonl(buffer)
     assert report.n_examples == 1000 and report.summary() == "1000 example(s) in chat format"
+
+
+def test_huge_lines_are_cut_while_reading_and_reported() -> None:
+    data = GOOD_LINE + b"\n" + b'{"messages": "' + b"x" * 5000 + b'"}\n' + GOOD_LINE + b"\n" + b"y" * 3000
+    lines = list(read_lines(io.BytesIO(data), max_line_bytes=1000))
+    assert [len(line) for line in lines] == [len(GOOD_LINE) + 1, 1001, len(GOOD_LINE) + 1, 1001]
+    report = validate_jsonl(lines, max_line_bytes=1000)
+    assert [(p.key, p.line) for p in report.problems] == [("line_too_long", 2), ("line_too_long", 4)]
+    error = report.job_error(param="training_file", min_examples=1)
+    assert error is not None and error["code"] == "invalid_file_format"
+    assert list(read_lines(io.BytesIO(b"a\nb"), max_line_bytes=10)) == [b"a\n", b"b"]
