@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -229,3 +231,34 @@ def test_idempotency_key_returns_the_first_upload(server: ApiServer) -> None:
         )
     stored = {p.name for p in (server.settings.artifacts_dir / "files").iterdir()}
     assert first.id in stored and not any(name.startswith(".tmp-") for name in stored)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_upload_download_and_model_path(server: ApiServer, tmp_path: Path) -> None:
+    path = tmp_path / "mydata.jsonl"
+    path.write_bytes(chat_file(10))
+    auth = ["-H", f"Authorization: Bearer {server.key}"]
+    upload = subprocess.run(
+        ["curl", "-sS", f"{server.base_url}/files", *auth, "-F", "purpose=fine-tune", "-F", f"file=@{path}"],
+        capture_output=True, check=True, timeout=30,
+    )  # fmt: skip
+    created = json.loads(upload.stdout)
+    assert (created["filename"], created["bytes"], created["status"]) == (
+        "mydata.jsonl",
+        path.stat().st_size,
+        "processed",
+    )
+    download = subprocess.run(
+        ["curl", "-sS", f"{server.base_url}/files/{created['id']}/content", *auth],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    assert download.stdout == path.read_bytes()
+    model = subprocess.run(
+        ["curl", "-sS", f"{server.base_url}/models/tuneworks/tiny-random-llama", *auth],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    assert json.loads(model.stdout)["id"] == "tuneworks/tiny-random-llama"
