@@ -134,6 +134,7 @@ class LoraConfig(OpenAIBaseModel):
     target_modules: list[str] | None = Field(
         default=None, min_length=1, description="Module names to adapt, e.g. [`q_proj`, `v_proj`]."
     )
+    qlora: bool | None = Field(default=None, description="4-bit base weights (QLoRA; CUDA workers only).")
 
     @field_validator("target_modules")
     @classmethod

@@ -72,7 +72,7 @@ def test_full_body_and_lora_extension(client, training_file: str) -> None:  # ty
         seed=7,
         suffix="my-suffix",
         integrations=[{"type": "wandb", "wandb": {"project": "p"}}],
-        extra_body={"lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}},
+        extra_body={"lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "qlora": False}},
     )  # fmt: skip
     assert (job.seed, job.user_provided_suffix, job.metadata) == (7, "my-suffix", {"team": "a"})  # type: ignore[attr-defined]
     assert job.validation_file == validation
@@ -82,7 +82,13 @@ def test_full_body_and_lora_extension(client, training_file: str) -> None:  # ty
         "learning_rate_multiplier": 0.5,
     }
     assert job.method.type == "supervised" and job.method.supervised.hyperparameters.n_epochs == 3
-    assert job.lora == {"rank": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}  # type: ignore[attr-defined]
+    assert job.lora == {
+        "rank": 4,
+        "alpha": 8.0,
+        "dropout": 0.1,
+        "target_modules": ["q_proj", "v_proj"],
+        "qlora": False,
+    }  # type: ignore[attr-defined]
     assert job.integrations[0].wandb.project == "p"
     assert any(e.level == "warn" for e in client.fine_tuning.jobs.list_events(job.id))
 
@@ -145,6 +151,7 @@ INVALID = [
     ({"lora": {"dropout": 1}}, "lora.dropout"),
     ({"lora": {"target_modules": ["q_proj", "../x"]}}, "lora.target_modules"),
     ({"lora": {"ranks": 8}}, "lora.ranks"),
+    ({"lora": {"qlora": "maybe"}}, "lora.qlora"),
     ({"unknown_key": 1}, "unknown_key"),
     ({"training_file": None}, "training_file"),
     ({"model": None}, "model"),
