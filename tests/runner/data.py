@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import json
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+]
 ANSWER = '{"status": "ok", "code": 42}'
 
 
@@ -17,7 +34,9 @@ def chat_lines(n: int, *, answer: str = ANSWER, labels: list[str] | None = None)
     lines = []
     for i in range(n):
         reply = labels[i % len(labels)] if labels else answer
-        example = {"messages": [{"role": "user", "content": question(i)}, {"role": "assistant", "content": reply}]}
+        example = {
+            "messages": [{"role": "user", "content": question(i)}, {"role": "assistant", "content": reply}]
+        }
         lines.append(json.dumps(example).encode())
     return lines
 

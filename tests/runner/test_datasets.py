@@ -64,7 +64,9 @@ def test_prompt_completion_trains_completion_and_eos(tokenizer) -> None:  # type
 
 
 def test_long_examples_are_truncated_and_counted(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    long = json.dumps({"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "x"}]})
+    long = json.dumps(
+        {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "x"}]}
+    )
     lines = [long.encode(), *chat_lines(3)]
     dataset = load_dataset(lines, Tokenization(tokenizer, max_seq_len=120))
     assert dataset.truncated == 1

@@ -6,13 +6,16 @@ from runner.hyperparameters import auto_batch_size, auto_epochs, resolve
 
 
 @pytest.mark.parametrize(
-    ("n", "epochs"), [(1, 25), (3, 25), (10, 10), (20, 5), (33, 3), (34, 3), (100, 3), (8333, 3), (8334, 2), (30000, 1)]
+    ("n", "epochs"),
+    [(1, 25), (3, 25), (10, 10), (20, 5), (33, 3), (34, 3), (100, 3), (8333, 3), (8334, 2), (30000, 1)],
 )
 def test_auto_epochs_follow_the_cookbook_rule(n: int, epochs: int) -> None:
     assert auto_epochs(n) == epochs
 
 
-@pytest.mark.parametrize(("n", "batch"), [(10, 1), (31, 1), (32, 2), (64, 4), (256, 16), (512, 32), (100000, 32)])
+@pytest.mark.parametrize(
+    ("n", "batch"), [(10, 1), (31, 1), (32, 2), (64, 4), (256, 16), (512, 32), (100000, 32)]
+)
 def test_auto_batch_size(n: int, batch: int) -> None:
     assert auto_batch_size(n) == batch
 
@@ -20,7 +23,11 @@ def test_auto_batch_size(n: int, batch: int) -> None:
 def test_resolve_keeps_numbers_and_fills_auto() -> None:
     hp = resolve(n_epochs=2, batch_size="auto", learning_rate_multiplier=0.5, n_examples=64)
     assert hp.as_dict() == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
-    assert resolve(n_examples=10).as_dict() == {"n_epochs": 10, "batch_size": 1, "learning_rate_multiplier": 1.0}
+    assert resolve(n_examples=10).as_dict() == {
+        "n_epochs": 10,
+        "batch_size": 1,
+        "learning_rate_multiplier": 1.0,
+    }
     assert resolve(batch_size=64, n_examples=10).batch_size == 10  # never larger than the file
 
 

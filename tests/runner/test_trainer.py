@@ -48,7 +48,13 @@ class Recorder(TrainCallbacks):
 
 
 def config(tiny: Path, out: Path, **overrides: Any) -> TrainConfig:
-    values: dict[str, Any] = {"n_epochs": 2, "batch_size": 2, "threads": 1, "seed": 7, "resume_state_seconds": 1e9}
+    values: dict[str, Any] = {
+        "n_epochs": 2,
+        "batch_size": 2,
+        "threads": 1,
+        "seed": 7,
+        "resume_state_seconds": 1e9,
+    }
     values.update(overrides)
     return TrainConfig(model_path=tiny, output_dir=out, **values)
 
@@ -69,7 +75,9 @@ def test_trainer_learns_a_fixed_answer(tiny: Path, tmp_path: Path) -> None:
     assert first["train_mean_token_accuracy"] < 0.2 and last["train_mean_token_accuracy"] > 0.8
     assert last["train_loss"] < first["train_loss"] - 0.5
     assert result.adapter_dir is not None
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in result.adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        p.name for p in result.adapter_dir.iterdir()
+    }
     assert result.trained_tokens == data.n_tokens * 10
     assert [c[:2] for c in recorder.checkpoints] == [(5 * e, e) for e in range(1, 11)]
 
@@ -95,7 +103,9 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tiny: Path, dataset: Datas
     assert first.states == [3]
     state = tmp_path / "first" / "state-3"
     second = Recorder()
-    resumed = train(config(tiny, tmp_path / "second"), dataset, valid_set=dataset, callbacks=second, resume=state)
+    resumed = train(
+        config(tiny, tmp_path / "second"), dataset, valid_set=dataset, callbacks=second, resume=state
+    )
     assert [s["step"] for s in second.steps] == [4, 5, 6, 7, 8]
     assert resumed.step == 8 and len(resumed.history) == 8
     expected = [s["train_loss"] for s in whole.steps]
@@ -125,7 +135,15 @@ def test_adapter_config_names_the_base_model(tiny: Path, dataset: Dataset, tmp_p
     adapter = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "org/base"
     assert adapter["r"] == 16 and adapter["lora_alpha"] == 32
-    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_qlora_on_cpu_is_a_clear_error(tiny: Path, dataset: Dataset, tmp_path: Path) -> None:
