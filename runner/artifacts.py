@@ -107,7 +107,7 @@ def _model_row(session: Session, name: str, *, job: JobRow, storage_key: str, st
 
 def prune_checkpoints(engine: Engine, store: ArtifactStore, *, job_id: str, keep: int) -> list[str]:
     """Delete all but the newest `keep` checkpoints of a job; returns the model names that were deleted."""
-    with Session(engine) as session:
+    with Session(engine, expire_on_commit=False) as session:
         rows = session.exec(
             select(CheckpointRow)
             .where(CheckpointRow.job_id == job_id, CheckpointRow.deleted == False)  # noqa: E712

@@ -62,7 +62,9 @@ class Factory:
 
     def events(self, job_id: str) -> list[JobEventRow]:
         with Session(self.engine) as session:
-            rows = session.exec(select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.pk)).all()  # type: ignore[arg-type]
+            rows = session.exec(
+                select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.pk)
+            ).all()  # type: ignore[arg-type]
             return list(rows)
 
     def messages(self, job_id: str) -> list[str]:
@@ -71,7 +73,9 @@ class Factory:
     async def enqueue(self, job_id: str, function: str = VALIDATE_JOB) -> None:
         redis = await connect(self.settings.resolved_redis_url)
         try:
-            await enqueue(self.engine, redis, function=function, job_id=job_id, queue_name=self.settings.queue_name)
+            await enqueue(
+                self.engine, redis, function=function, job_id=job_id, queue_name=self.settings.queue_name
+            )
         finally:
             await redis.close()
 

@@ -27,8 +27,13 @@ from tests.runner.factory import Factory, burst, run_burst
 @pytest.fixture
 def wsettings(settings: Settings) -> Settings:
     return settings.model_copy(
-        update={"train_threads": 1, "lease_seconds": 2, "reconcile_seconds": 1, "resume_state_seconds": 0.3,
-                "worker_metrics_port": 0}  # fmt: skip
+        update={
+            "train_threads": 1,
+            "lease_seconds": 2,
+            "reconcile_seconds": 1,
+            "resume_state_seconds": 0.3,
+            "worker_metrics_port": 0,
+        }  # fmt: skip
     )
 
 
@@ -104,7 +109,9 @@ def test_invalid_file_fails_with_code_and_line(factory: Factory, wsettings: Sett
     burst(wsettings)
     job = factory.row(job_id)
     assert job.status == "failed"
-    assert job.error and job.error["code"] == "invalid_training_file" and job.error["param"] == "training_file"
+    assert (
+        job.error and job.error["code"] == "invalid_training_file" and job.error["param"] == "training_file"
+    )
     assert "line 5" in job.error["message"]
     last = factory.events(job_id)[-1]
     assert last.level == "error" and last.message == job.error["message"]
@@ -129,13 +136,21 @@ def test_unknown_base_model_fails_unsupported_model(factory: Factory, wsettings:
     assert job.status == "failed" and job.error and job.error["code"] == "unsupported_model"
 
 
-async def _act_at_step(factory: Factory, wsettings: Settings, job_id: str, step: int, target: JobStatus) -> int:
+async def _act_at_step(
+    factory: Factory, wsettings: Settings, job_id: str, step: int, target: JobStatus
+) -> int:
     """Run a burst worker; once the job reaches `step`, move it to `target` as the API would."""
     worker = asyncio.create_task(run_burst(wsettings))
     while not worker.done():
         steps = metric_steps(factory, job_id)
         if steps and steps[-1] >= step:
-            transition(factory.engine, job_id, target, message=f"Job {target.value} by the user", expect=JobStatus.running)
+            transition(
+                factory.engine,
+                job_id,
+                target,
+                message=f"Job {target.value} by the user",
+                expect=JobStatus.running,
+            )
             break
         await asyncio.sleep(0.05)
     await worker
