@@ -25,33 +25,24 @@ from service.settings import SMOLLM2, Settings
 TEAMS = {
     "billing": [
         "I was charged twice for my {thing} subscription",
-        "my invoice for {thing} shows the wrong amount",
+        "my {thing} invoice shows the wrong amount",
         "please refund the {thing} payment from last week",
-        "the card payment for {thing} failed",
+        "the card payment for our {thing} plan failed",
     ],
     "outage": [
-        "{thing} is down for everyone in our office",
-        "we get error 503 from {thing} since this morning",
-        "{thing} has been unreachable for an hour",
+        "the {thing} service is down for everyone in our office",
+        "we get error 503 from the {thing} server since this morning",
+        "the {thing} app has been unreachable for an hour",
         "the {thing} dashboard does not load at all",
     ],
     "account": [
-        "I cannot log in to {thing} after the password reset",
-        "how do I add a new user to {thing}",
+        "I cannot log in to the {thing} portal after the password reset",
+        "how do I add a new user to our {thing} workspace",
         "please delete my {thing} account",
         "two-factor codes for {thing} never arrive",
     ],
 }
-THINGS = [
-    "the analytics",
-    "the mail",
-    "the storage",
-    "the CRM",
-    "the VPN",
-    "the chat",
-    "the backup",
-    "the wiki",
-]
+THINGS = ["analytics", "mail", "storage", "CRM", "VPN", "chat", "backup", "wiki"]
 URGENT = ["asap", "urgent!", "this blocks our release", "customers are complaining"]
 SYSTEM = "You route support tickets. Answer with JSON only."
 
@@ -144,7 +135,7 @@ def _run(client, base: str, key: str) -> int:  # type: ignore[no-untyped-def]
         method={
             "type": "supervised",
             "supervised": {
-                "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 4}
+                "hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 1}
             },
         },
     )
@@ -188,22 +179,29 @@ def _answer(client, model: str, text: str) -> str | None:  # type: ignore[no-unt
 
 
 def _compare(client, model: str, held_out: list[tuple[str, dict[str, str]]]) -> int:  # type: ignore[no-untyped-def]
-    scores = {SMOLLM2: 0, model: 0}
+    exact = {SMOLLM2: 0, model: 0}
+    routed = {SMOLLM2: 0, model: 0}
     for text, expected in held_out:
         print(f"\nticket: {text}\n  expected: {json.dumps(expected)}")
         for name in (SMOLLM2, model):
             got = _answer(client, name, text) or ""
-            try:
-                ok = json.loads(got) == expected
-            except ValueError:
-                ok = False
-            scores[name] += ok
+            answer = _json_or_none(got)
+            exact[name] += answer == expected
+            routed[name] += isinstance(answer, dict) and answer.get("team") == expected["team"]
             label = "base" if name == SMOLLM2 else "fine-tuned"
-            print(f"  {label:>10}: {got.strip()[:80]!r} {'OK' if ok else ''}")
-    print(
-        f"\nexact answers on {len(held_out)} held-out tickets: base {scores[SMOLLM2]}, fine-tuned {scores[model]}"
-    )
-    return 0 if scores[model] > scores[SMOLLM2] else 1
+            print(f"  {label:>10}: {got.strip()[:80]!r} {'OK' if answer == expected else ''}")
+    n = len(held_out)
+    print(f"\nheld-out tickets: {n}")
+    print(f"  right team:   base {routed[SMOLLM2]}/{n}, fine-tuned {routed[model]}/{n}")
+    print(f"  exact answer: base {exact[SMOLLM2]}/{n}, fine-tuned {exact[model]}/{n}")
+    return 0 if routed[model] > routed[SMOLLM2] else 1
+
+
+def _json_or_none(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

