@@ -100,8 +100,12 @@ def delete(
 
 
 async def announce_deleted(redis: Any, names: list[str]) -> None:
-    """Tell the serve processes to unload `names`; when Redis is down their periodic sweep catches up."""
+    """Tell the serve processes to unload `names` (their periodic sweep catches up when Redis is down), and
+    drop their drift series."""
+    from service import drift
+
     for name in names:
+        drift.forget(name)
         try:
             if redis is None:
                 raise ConnectionError("redis is down")
