@@ -127,9 +127,11 @@ def _run(client, base: str, key: str) -> int:  # type: ignore[no-untyped-def]
     train, held_out = tickets(48, seed=1), tickets(12, seed=99)
     upload = client.files.create(file=("tickets.jsonl", training_jsonl(train)), purpose="fine-tune")
     print(f"uploaded {upload.id}: {upload.bytes} bytes, status {upload.status}")
+    valid = client.files.create(file=("held-out.jsonl", training_jsonl(held_out)), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
         model=SMOLLM2,
         training_file=upload.id,
+        validation_file=valid.id,
         suffix="tickets",
         seed=7,
         method={
@@ -145,6 +147,7 @@ def _run(client, base: str, key: str) -> int:  # type: ignore[no-untyped-def]
         print(f"job ended {job.status}: {job.error}")
         return 1
     print(f"fine-tuned model: {job.fine_tuned_model}; trained tokens {job.trained_tokens}")
+    print(f"evaluation on the validation file: {json.dumps((job.model_extra or {}).get('evaluation'))}")
     for ckpt in client.fine_tuning.jobs.checkpoints.list(job.id):
         print(f"  checkpoint step {ckpt.step_number}: {ckpt.fine_tuned_model_checkpoint}")
     _wait("inference", lambda: _answer(client, job.fine_tuned_model, held_out[0][0]) is not None, 600)
