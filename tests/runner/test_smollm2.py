@@ -40,4 +40,6 @@ def test_smollm2_adapter_learns_a_fixed_answer(models_dir: Path, tmp_path: Path)
         assert answer == ANSWER, prompt
     with torch.no_grad(), model.disable_adapter():  # the base model alone does not answer that way
         base_out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    assert tokenizer.decode(base_out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip() != ANSWER
+    assert (
+        tokenizer.decode(base_out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip() != ANSWER
+    )
