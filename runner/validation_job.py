@@ -75,6 +75,10 @@ def _check(settings: Settings, engine: Engine, store: ArtifactStore, job: JobRow
     except (UnknownModel, FileNotFoundError) as exc:
         message = f"Model {job.model} is not available for fine-tuning"
         raise JobInvalid({"code": "unsupported_model", "message": message, "param": "model"}) from exc
+    kind = (job.method or {}).get("type", "supervised")
+    if kind != "supervised":
+        message = f"Method {kind!r} is not supported yet; use supervised"
+        raise JobInvalid({"code": "unsupported_method", "message": message, "param": "method.type"})
     tokenization = Tokenization(AutoTokenizer.from_pretrained(base.path))
     files = [("training_file", job.training_file, settings.min_examples)]
     if job.validation_file:

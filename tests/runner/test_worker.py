@@ -249,3 +249,20 @@ def test_reconciler_enqueues_a_queued_job_that_redis_lost(factory: Factory, wset
                          hyperparameters={"n_epochs": 1, "batch_size": 5})  # fmt: skip
     burst(wsettings)
     assert factory.row(job_id).status == "succeeded"
+
+
+@pytest.mark.timeout(120)
+def test_unsupported_method_fails_at_validation(factory: Factory, wsettings: Settings) -> None:
+    from sqlalchemy import update
+
+    from service.tables import JobRow
+
+    job_id = factory.job(jsonl(chat_lines(10)))
+    with Session(factory.engine) as session:
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(method={"type": "dpo"}))  # type: ignore[arg-type]
+        session.commit()
+    asyncio.run(factory.enqueue(job_id))
+    burst(wsettings)
+    job = factory.row(job_id)
+    assert job.status == "failed" and job.error
+    assert (job.error["code"], job.error["param"]) == ("unsupported_method", "method.type")
