@@ -266,3 +266,40 @@ def test_unsupported_method_fails_at_validation(factory: Factory, wsettings: Set
     job = factory.row(job_id)
     assert job.status == "failed" and job.error
     assert (job.error["code"], job.error["param"]) == ("unsupported_method", "method.type")
+
+
+@pytest.mark.timeout(300)
+def test_worker_process_metrics_and_graceful_stop(
+    factory: Factory, wsettings: Settings, tmp_path: Path
+) -> None:
+    import httpx
+
+    from tests.conftest import free_port, wait_for_port
+
+    port = free_port()
+    job_id = factory.job(jsonl(chat_lines(30)), hyperparameters=LONG)
+    asyncio.run(factory.enqueue(job_id))
+    env = settings_env(factory.settings.model_copy(update={"worker_metrics_port": port}))
+    log = (tmp_path / "worker.log").open("w")
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "tuneworks"), "worker"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_for_port(port, timeout=60, proc=proc)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and max(metric_steps(factory, job_id), default=0) < 10:
+            time.sleep(0.1)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'ft_training_steps_total{base_model="tuneworks/tiny-random-llama"}' in text
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    job = factory.row(job_id)
+    assert job.status == "queued" and job.lease_owner is None, (tmp_path / "worker.log").read_text()[-3000:]
+    assert "Worker stopped; the job will resume on another worker" in factory.messages(job_id)
+    assert factory.store.exists(f"jobs/{job_id}/state")
+    burst(wsettings)
+    assert factory.row(job_id).status == "succeeded"
+    assert len([m for m in factory.messages(job_id) if m.startswith("Resuming from step")]) == 1
