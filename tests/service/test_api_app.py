@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import httpx
 import openai
@@ -13,7 +11,7 @@ import redis
 from sqlmodel import Session, select
 
 from service.tables import JobRow
-from tests.conftest import ApiServer, free_port, wait_for_port
+from tests.conftest import ApiServer, free_port, start_redis
 from tests.service.conftest import chat_file, service_settings
 
 TINY = "tuneworks/tiny-random-llama"
@@ -100,30 +98,6 @@ def test_without_redis_jobs_are_committed_and_enqueued_once_it_is_back(tmp_path)
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait(10)
-
-
-def start_redis(port: int, workdir) -> subprocess.Popen:  # type: ignore[no-untyped-def]
-    binary = shutil.which("redis-server")
-    assert binary
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_port(port, proc=proc)
-    return proc
 
 
 def wait_until_enqueued(client, settings, file_id: str) -> str:  # type: ignore[no-untyped-def]
