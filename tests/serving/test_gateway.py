@@ -144,9 +144,22 @@ def test_adapter_missing_from_vllm_is_loaded_on_demand(serve, gateway, tuned, an
     assert name in serve.loaded()
 
 
-def test_gateway_metrics(gateway) -> None:  # type: ignore[no-untyped-def]
+def test_gateway_metrics(gateway, tuned) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = gateway.client()
+    messages = [{"role": "user", "content": "Hi"}]
+    list(client.chat.completions.create(model=tuned.id, messages=messages, max_tokens=8, stream=True))
+    client.completions.create(model=SMOLLM2, prompt="Hi", max_tokens=2)
+
     text = httpx.get(f"http://127.0.0.1:{gateway.port}/metrics").text
-    labels = 'base_model="HuggingFaceTB/SmolLM2-135M-Instruct",kind="adapter",endpoint="chat",status="200"'
-    assert "ft_inference_requests_total{" + labels + "}" in text
-    assert "ft_inference_time_to_first_token_seconds_count" in text
-    assert 'kind="adapter",direction="completion"' in text
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    def total(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+    assert total("ft_inference_requests_total", kind="adapter", endpoint="chat", status="200") >= 1
+    assert total("ft_inference_requests_total", kind="base", endpoint="completions", status="200") >= 1
+    assert total("ft_inference_time_to_first_token_seconds_count", kind="adapter", endpoint="chat") >= 1
+    assert total("ft_inference_tokens_total", kind="adapter", direction="completion") > 0
+    assert total("ft_inference_request_duration_seconds_count", base_model=SMOLLM2) >= 2
