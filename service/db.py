@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 from service import tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 
@@ -51,7 +51,3 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
-
-
-def create_all(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
