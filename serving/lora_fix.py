@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from types import ModuleType
 from typing import Any
 
@@ -31,8 +32,14 @@ _HOLDERS = (
 _PATCHED_FLAG = "_tuneworks_no_adapter_fix"
 
 
+DISABLE_ENV = "TUNEWORKS_LORA_FIX_DISABLED"  # "1": leave vLLM's ops alone (to show the bug the tests guard)
+
+
 def register() -> None:
     """Patch the PyTorch LoRA ops when the installed vLLM maps index -1 to the last slot; else do nothing."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        logger.warning("tuneworks_lora_fix: disabled by %s=1; multi-LoRA batches may be wrong", DISABLE_ENV)
+        return
     try:
         ops = importlib.import_module("vllm.lora.ops.torch_ops.lora_ops")
     except ImportError:
