@@ -39,7 +39,7 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 pytest: install
-	$(PY) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -p no:cacheprovider -ra --durations=25 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
