@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from service import drift
+
 logger = logging.getLogger(__name__)
 
 IGNORE = -100  # label of a position that carries no loss
@@ -161,12 +163,8 @@ def user_prompt(example: dict) -> str:
     """The user text of one example dict (chat: user messages joined; completion: the prompt)."""
     if "prompt" in example:
         return str(example["prompt"])
-    parts = [
-        m.get("content")
-        for m in example.get("messages", [])
-        if isinstance(m, dict) and m.get("role") == "user"
-    ]
-    return "\n".join(p if isinstance(p, str) else json.dumps(p) for p in parts)
+    # The same text the gateway's drift monitor takes from live chat requests.
+    return drift.prompt_of_messages(example.get("messages", []))
 
 
 def parse_lines(lines: Iterable[bytes]) -> Iterator[dict]:
