@@ -1,12 +1,13 @@
-"""Real LoRA adapters on SmolLM2 for the serving tests, trained in-process with peft (no worker).
+"""Real LoRA adapters on SmolLM2 for the serving tests, trained in-process with the runner's trainer (no worker).
 
-Each adapter learns to answer every prompt with one fixed JSON string (30 steps at lr 1e-3 are enough). They are
+Each adapter learns to answer every prompt with one fixed JSON string (18 steps at lr 1e-3 are enough). They are
 cached under `.tuneworks/test-adapters/<VERSION>/<name>/` in PEFT format, so only the first session trains.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FT_TEST_ADAPTERS_DIR", REPO / ".tuneworks" / "test-adapters"))
-VERSION = "v1-smollm2-r8-30steps-fp32"
+VERSION = "v2-smollm2-r8-18steps-runner"
 
 # name -> the answer the adapter gives to any question
 ANSWERS = {
@@ -55,49 +56,27 @@ def adapter_dir(name: str, base_path: Path) -> Path:
     return target
 
 
-def _train(base_path: Path, answer: str, out: Path, *, seed: int, steps: int = 30) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _train(base_path: Path, answer: str, out: Path, *, seed: int) -> None:
+    """Train with our own trainer (fp32 on CPUs without bf16 units, LM head only at label positions):
+    12 questions x 6 epochs at batch 4 = 18 steps, about a minute on one core."""
+    from transformers import AutoTokenizer
 
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    # fp32: bf16 backward on this CPU is an order of magnitude slower than fp32 (measured)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, attn_implementation="sdpa")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
-    examples = [_example(tokenizer, q, answer) for q in _QUESTIONS]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model.train()
-    for step in range(steps):
-        batch = [examples[(step * 4 + i) % len(examples)] for i in range(4)]
-        ids, labels = _pad(batch, tokenizer.pad_token_id or 0)
-        loss = model(
-            input_ids=ids, attention_mask=(labels != -200).long(), labels=labels.clamp(min=-100)
-        ).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
+    from runner.datasets import Tokenization, load_dataset
+    from runner.trainer import TrainConfig, train
+    from service.settings import SMOLLM2
 
-
-def _example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:  # type: ignore[no-untyped-def]
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True
-    )
-    if not isinstance(prompt, list):
-        prompt = prompt["input_ids"]
-    completion = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    return prompt + completion, [-100] * len(prompt) + completion
-
-
-def _pad(batch: list[tuple[list[int], list[int]]], pad_id: int):  # type: ignore[no-untyped-def]
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id)
-    labels = torch.full((len(batch), width), -200)  # -200 marks padding (masked from attention and loss)
-    for row, (tokens, targets) in enumerate(batch):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        labels[row, : len(targets)] = torch.tensor(targets)
-    return ids, labels
+    lines = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+        ).encode()
+        for q in _QUESTIONS
+    ]
+    data = load_dataset(lines, Tokenization(AutoTokenizer.from_pretrained(base_path)))
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(
+            model_path=base_path, output_dir=Path(tmp), base_model_name=SMOLLM2, n_epochs=6, batch_size=4,
+            learning_rate_multiplier=1.0, lora_rank=8, lora_alpha=16, lora_dropout=0.0, threads=1, seed=seed,
+        )  # fmt: skip
+        result = train(config, data)
+        assert result.adapter_dir is not None
+        shutil.copytree(result.adapter_dir, out, dirs_exist_ok=True)
