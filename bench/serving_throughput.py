@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from service.hardware import cpu_has_bf16
 from service.settings import SMOLLM2, Settings
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -88,7 +89,7 @@ def main() -> dict[str, object]:
     from runner.models import ensure_prepared
 
     dtypes = os.environ.get("BENCH_VLLM_DTYPES", "bfloat16,float32").split(",")
-    result: dict[str, object] = {"cpu_flags_bf16": _cpu_has_bf16()}
+    result: dict[str, object] = {"cpu_flags_bf16": cpu_has_bf16()}
     base = ensure_prepared(Settings(), SMOLLM2).path
     with tempfile.TemporaryDirectory(prefix="tw-bench-serve-") as tmp:
         home = Path(tmp)
@@ -97,14 +98,6 @@ def main() -> dict[str, object]:
         for dtype in dtypes:
             result[dtype] = asyncio.run(_measure(dtype, home, adapter))
     return result
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 if __name__ == "__main__":

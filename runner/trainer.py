@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from runner import hyperparameters
 from runner.datasets import IGNORE, Dataset, Example, bucketed_batches
+from service.hardware import cpu_has_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -196,15 +197,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_model(config: TrainConfig, device: torch.device) -> Any:

@@ -104,7 +104,10 @@ class Settings(BaseSettings):
         default=1, description="KV cache size on the CPU (VLLM_CPU_KVCACHE_SPACE)."
     )
     vllm_gpu_memory_utilization: float = Field(default=0.85, description="GPU memory share for vLLM on CUDA.")
-    vllm_dtype: str = Field(default="bfloat16", description="vLLM --dtype.")
+    vllm_dtype: str = Field(
+        default="auto",
+        description="vLLM --dtype; auto = bfloat16 on GPUs and on CPUs with bf16 units, else float32.",
+    )
     vllm_extra_args: str = Field(
         default="", description="Extra vLLM command-line arguments, space-separated."
     )

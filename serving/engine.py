@@ -26,6 +26,7 @@ import httpx
 
 from service import base_models
 from service.base_models import BaseModel
+from service.hardware import cpu_has_bf16
 from service.metrics import VLLM_RESTARTS, VLLM_UP
 from service.settings import Settings
 
@@ -108,12 +109,18 @@ class VllmServer:
         s = self.settings
         argv = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model.path)]
         argv += ["--served-model-name", self.model.id, "--host", s.vllm_host, "--port", str(self.port)]
-        argv += ["--dtype", s.vllm_dtype, "--enable-lora", "--max-loras", str(s.vllm_max_loras)]
+        argv += ["--dtype", self.dtype(), "--enable-lora", "--max-loras", str(s.vllm_max_loras)]
         argv += ["--max-cpu-loras", str(max(s.vllm_max_cpu_loras, s.vllm_max_loras))]
         argv += ["--max-lora-rank", str(s.vllm_max_lora_rank), "--max-model-len", str(s.vllm_max_model_len)]
         if self.cuda:
             argv += ["--gpu-memory-utilization", str(s.vllm_gpu_memory_utilization)]
         return argv + shlex.split(s.vllm_extra_args)
+
+    def dtype(self) -> str:
+        """`FT_VLLM_DTYPE`, with `auto` resolved: bf16 where the hardware computes it natively, else fp32."""
+        if self.settings.vllm_dtype != "auto":
+            return self.settings.vllm_dtype
+        return "bfloat16" if self.cuda or cpu_has_bf16() else "float32"
 
     def environment(self) -> dict[str, str]:
         """The server's environment: ours plus vLLM's switches, caches and temp files inside FT_HOME."""
