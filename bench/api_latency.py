@@ -98,7 +98,12 @@ def main() -> dict[str, object]:
         "FT_LOG_LEVEL": "WARNING",
     }
     exe = [sys.executable, "-m", "service.cli"]
-    api = subprocess.Popen([*exe, "api"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = subprocess.Popen(
+        [*exe, "api"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(os.environ.get("BENCH_API_LOG", os.devnull), "w"),
+    )
     try:
         _wait(api_port)
         key = subprocess.run(

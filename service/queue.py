@@ -7,6 +7,7 @@ fresh token on the row and pushes an arq job with that token as its id. The reco
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -37,12 +38,18 @@ async def connect(url: str) -> ArqRedis:
 async def enqueue(engine: Engine, redis: ArqRedis, *, function: str, job_id: str, queue_name: str) -> str:
     """Record a new queue token on job `job_id`, then push the arq job. Returns the token."""
     token = new_id(f"{function}:{job_id}:", 8)
-    with Session(engine) as session:
-        session.execute(update(JobRow).where(JobRow.id == job_id).values(queue_token=token))  # type: ignore[arg-type]
-        session.commit()
+    # In a thread: a blocking database write on the event loop stalls every request in flight (and, with the
+    # connection pool exhausted by handlers that need the loop to finish, deadlocks until the pool timeout).
+    await asyncio.to_thread(_record_token, engine, job_id, token)
     await redis.enqueue_job(function, job_id, _job_id=token, _queue_name=queue_name)
     logger.info("job %s: enqueued %s", job_id, function)
     return token
+
+
+def _record_token(engine: Engine, job_id: str, token: str) -> None:
+    with Session(engine) as session:
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(queue_token=token))  # type: ignore[arg-type]
+        session.commit()
 
 
 async def publish_adapter_event(redis: Any, event: str, model: str) -> None:
