@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from runner import artifacts, lease
 from runner.datasets import DEFAULT_MAX_SEQ_LEN, Dataset, Tokenization, load_dataset
@@ -34,7 +34,7 @@ from service.naming import fine_tuned_model_name
 from service.queue import publish_adapter_event
 from service.settings import Settings
 from service.storage import ArtifactStore
-from service.tables import FileRow, JobRow
+from service.tables import FileRow, JobEventRow, JobRow
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class JobCallbacks(TrainCallbacks):
         artifacts.save_checkpoint(self.engine, self.store, job=self.job, model_name=self.model_name, step=step,
                                   adapter_dir=adapter_dir, metrics=self.last_metrics)  # fmt: skip
         add_event(self.engine, self.job.id, f"Checkpoint created at step {step}")
+        metrics.CHECKPOINTS_WRITTEN.labels(base_model=self.job.model).inc()
         self.deleted_models += artifacts.prune_checkpoints(
             self.engine, self.store, job_id=self.job.id, keep=self.keep
         )
@@ -206,6 +207,7 @@ async def _attempt(ctx: dict[str, Any], job: JobRow, owner: str) -> str:
     if not _start(engine, job):
         return "skipped"
     heartbeat = asyncio.create_task(_heartbeat(engine, job.id, owner, settings.lease_seconds, ctx))
+    metrics.WORKERS_BUSY.inc()
     try:
         return await _train_and_finish(ctx, job, owner)
     except TrainingFailed as exc:
@@ -215,6 +217,7 @@ async def _attempt(ctx: dict[str, Any], job: JobRow, owner: str) -> str:
         return _fail(engine, job, _classify(exc))
     finally:
         heartbeat.cancel()
+        metrics.WORKERS_BUSY.dec()
 
 
 def _start(engine: Engine, job: JobRow) -> bool:
@@ -222,13 +225,25 @@ def _start(engine: Engine, job: JobRow) -> bool:
     if job.status == JobStatus.running:
         add_event(engine, job.id, "Worker lost; resuming from the newest checkpoint", level="warn")
         return True
+    queued_since = _last_event_time(engine, job.id)
     try:
         transition(engine, job.id, JobStatus.running, message="Fine-tuning job started", expect=JobStatus.queued,
                    started_at=job.started_at or now())  # fmt: skip
     except IllegalTransition:
         logger.info("job %s: no longer queued; not starting", job.id)
         return False
+    if queued_since is not None:
+        metrics.JOB_QUEUE_WAIT.labels(base_model=job.model).observe(max(0, now() - queued_since))
     return True
+
+
+def _last_event_time(engine: Engine, job_id: str) -> int | None:
+    """When the job's latest event was written: for a queued job, its move to queued (or a later note)."""
+    with Session(engine) as session:
+        event = session.exec(
+            select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(col(JobEventRow.pk).desc())
+        ).first()
+    return None if event is None else event.created_at
 
 
 def _classify(exc: Exception) -> TrainingFailed:
@@ -259,6 +274,7 @@ async def _heartbeat(engine: Engine, job_id: str, owner: str, seconds: float, ct
             if callbacks is not None:
                 callbacks.lost = True
             return
+        metrics.WORKER_HEARTBEATS.inc()
 
 
 async def _train_and_finish(ctx: dict[str, Any], job: JobRow, owner: str) -> str:

@@ -120,6 +120,7 @@ class RequestContextMiddleware:
                 _observe(scope, status[0], time.perf_counter() - started)
             await send(message)
 
+        metrics.HTTP_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
@@ -138,6 +139,8 @@ class RequestContextMiddleware:
                 status_code=500,
             )
             await response(scope, receive, send_with_id)
+        finally:
+            metrics.HTTP_IN_FLIGHT.dec()
 
 
 def _incoming_request_id(scope: Scope) -> str | None:

@@ -390,7 +390,11 @@ def _record_usage(call: _Call, usage: Any) -> None:
         return
     base, kind, _ = call.labels()
     metrics.INFERENCE_TOKENS.labels(base, kind, "prompt").inc(int(usage.get("prompt_tokens") or 0))
-    metrics.INFERENCE_TOKENS.labels(base, kind, "completion").inc(int(usage.get("completion_tokens") or 0))
+    completion = int(usage.get("completion_tokens") or 0)
+    metrics.INFERENCE_TOKENS.labels(base, kind, "completion").inc(completion)
+    seconds = time.monotonic() - call.started
+    if completion and seconds > 0:
+        metrics.INFERENCE_OUTPUT_TPS.labels(*call.labels()).observe(completion / seconds)
 
 
 def _count(call: _Call, status: int) -> None:

@@ -154,3 +154,9 @@ def _announce(job: JobRow, old: JobStatus, new: JobStatus) -> None:
 
     logger.info("job %s: %s -> %s", job.id, old, new)
     metrics.JOB_TRANSITIONS.labels(base_model=job.model, status=new.value).inc()
+    if new in TERMINAL:
+        seconds = max(0, (job.finished_at or now()) - job.created_at)
+        metrics.JOB_DURATION.labels(base_model=job.model, status=new.value).observe(seconds)
+    if new == JobStatus.failed:
+        code = (job.error or {}).get("code") or "unknown"
+        metrics.JOB_FAILURES.labels(base_model=job.model, code=str(code)).inc()

@@ -25,6 +25,7 @@ FILES_UPLOADED = Counter(
     "ft_files_uploaded_total", "Files uploaded, by purpose and status.", ["purpose", "status"]
 )
 UPLOAD_BYTES = Counter("ft_upload_bytes_total", "Bytes received in file uploads.")
+HTTP_IN_FLIGHT = Gauge("ft_http_requests_in_flight", "HTTP requests the API is answering right now.")
 
 # --- jobs and queue ----------------------------------------------------------------------------------------
 JOBS_CREATED = Counter("ft_jobs_created_total", "Fine-tuning jobs created.", ["base_model"])
@@ -38,6 +39,20 @@ QUEUE_DEPTH = Gauge("ft_queue_depth", "arq jobs waiting in the Redis queue (read
 JOBS_REQUEUED = Counter(
     "ft_jobs_requeued_total", "Jobs the reconciler put back on the queue.", ["reason"]
 )  # reason: lost (queued but not in Redis) | lease_expired
+_JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
+JOB_QUEUE_WAIT = Histogram(
+    "ft_job_queue_wait_seconds",
+    "Time a job waited in the queue before a worker started it (since its latest event before the start).",
+    ["base_model"],
+    buckets=_JOB_BUCKETS,
+)
+JOB_DURATION = Histogram(
+    "ft_job_duration_seconds",
+    "Time from a job's creation to its terminal status.",
+    ["base_model", "status"],
+    buckets=_JOB_BUCKETS,
+)  # status: succeeded | failed | cancelled
+JOB_FAILURES = Counter("ft_job_failures_total", "Jobs that failed, by error code.", ["base_model", "code"])
 
 # --- training (worker) -------------------------------------------------------------------------------------
 TRAIN_STEPS = Counter("ft_training_steps_total", "Optimizer steps completed.", ["base_model"])
@@ -55,6 +70,14 @@ TRAIN_TOKENS_PER_SECOND = Gauge(
 TRAIN_RUNS = Counter(
     "ft_training_runs_total", "Training attempts that ended, by outcome.", ["base_model", "outcome"]
 )  # outcome: succeeded | failed | cancelled | paused | crashed
+CHECKPOINTS_WRITTEN = Counter(
+    "ft_checkpoints_written_total", "Checkpoints saved by training.", ["base_model"]
+)
+WORKER_HEARTBEATS = Counter(
+    "ft_worker_heartbeats_total",
+    "Lease renewals of jobs training on this worker (one every lease/3 seconds).",
+)
+WORKERS_BUSY = Gauge("ft_workers_busy", "Jobs training now on this worker.")
 
 # --- serving (serve process and gateway) -------------------------------------------------------------------
 ADAPTER_LOADS = Counter(
@@ -87,6 +110,12 @@ INFERENCE_LATENCY = Histogram(
 INFERENCE_TOKENS = Counter(
     "ft_inference_tokens_total", "Tokens in and out of completions.", ["base_model", "kind", "direction"]
 )  # direction: prompt | completion
+INFERENCE_OUTPUT_TPS = Histogram(
+    "ft_inference_output_tokens_per_second",
+    "Completion tokens per second of a whole gateway request (from the start of the request).",
+    ["base_model", "kind", "endpoint"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
 
 # --- drift of live traffic against the training data -------------------------------------------------------
 DRIFT_SCORE = Gauge(
