@@ -175,11 +175,11 @@ async def upload(
         PayloadTooLarge: the file is over `limit` bytes (nothing is kept).
     """
     key = idempotency.check_key(idempotency_key)
-    earlier = idempotency.find(session, project_id=project_id, kind="file", key=key)
+    earlier = await run_in_threadpool(idempotency.find, session, project_id=project_id, kind="file", key=key)
     if earlier is not None:
         async for _ in stream:  # a retry: its body is not needed
             pass
-        return _by_id(session, earlier)
+        return await run_in_threadpool(_by_id, session, earlier)
     file_id = new_id("file-")
     with store.writer(f"files/{file_id}") as sink:
         reader = UploadReader(boundary_of(content_type), sink, limit=limit)
@@ -190,16 +190,17 @@ async def upload(
         purpose=purpose, storage_key=f"files/{file_id}", status="processed",
     )  # fmt: skip
     row.expires_at = expires_at(row.created_at)
-    return await _register(session=session, store=store, row=row, idempotency_key=key)
+    # Validation and the database write block, so they run off the event loop.
+    return await run_in_threadpool(_register, session=session, store=store, row=row, idempotency_key=key)
 
 
-async def _register(
+def _register(
     *, session: Session, store: ArtifactStore, row: FileRow, idempotency_key: str | None
 ) -> FileObject:
     """Validate a stored upload and commit its row; the stored bytes go when that fails."""
     try:
         if row.purpose == "fine-tune":
-            await run_in_threadpool(_validate, row, store)
+            _validate(row, store)
         session.add(row)
         idempotency.record(
             session, project_id=row.project_id, kind="file", key=idempotency_key, object_id=row.id
