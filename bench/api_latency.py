@@ -98,12 +98,8 @@ def main() -> dict[str, object]:
         "FT_LOG_LEVEL": "WARNING",
     }
     exe = [sys.executable, "-m", "service.cli"]
-    api = subprocess.Popen(
-        [*exe, "api"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(os.environ.get("BENCH_API_LOG", os.devnull), "w"),
-    )
+    api_log = open(os.environ.get("BENCH_API_LOG", os.devnull), "w")  # noqa: SIM115 (closed below)
+    api = subprocess.Popen([*exe, "api"], env=env, stdout=subprocess.DEVNULL, stderr=api_log)
     try:
         _wait(api_port)
         key = subprocess.run(
@@ -138,6 +134,7 @@ def main() -> dict[str, object]:
         redis.terminate()
         api.wait(10)
         redis.wait(10)
+        api_log.close()
         shutil.rmtree(home, ignore_errors=True)
     return result
 
