@@ -5,6 +5,7 @@ examples of varied length (about 50 to 550 tokens, a quarter of them assistant t
 (non-padding) tokens per second, the padding share and the peak RSS. Compare with the table in
 PLATFORM_NOTES.md ("a plain loop ... 430 real tokens/s; with tcmalloc 595").
 
+`BENCH_TRAIN_EXAMPLES` (256) and `BENCH_TRAIN_THREADS` (0 = all cores) shorten or pin a run.
 Each configuration runs in a fresh subprocess (peak RSS is per process); `BENCH_TCMALLOC=0` skips the run with
 Debian's tcmalloc preloaded.
 """
@@ -53,7 +54,7 @@ def child(out: Path) -> None:
 
     model = ensure_prepared(Settings(), SMOLLM2)
     tokenization = Tokenization(AutoTokenizer.from_pretrained(model.path), max_seq_len=1024)
-    lines = [json.dumps(e).encode() for e in examples()]
+    lines = [json.dumps(e).encode() for e in examples(int(os.environ.get("BENCH_TRAIN_EXAMPLES", "256")))]
     dataset = load_dataset(lines, tokenization)
     lengths = [len(e) for e in dataset.examples]
     steps: list[tuple[float, int]] = []
@@ -72,6 +73,7 @@ def child(out: Path) -> None:
             lora_rank=16,
             lora_alpha=32,
             seed=0,
+            threads=int(os.environ.get("BENCH_TRAIN_THREADS", "0")),
         )
         start = time.perf_counter()
         train(config, dataset, callbacks=Clock())
