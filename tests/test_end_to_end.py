@@ -109,12 +109,7 @@ def test_fine_tune_smollm2_and_serve_it(stack) -> None:  # type: ignore[no-untyp
         training_file=upload.id,
         suffix="tickets",
         seed=7,
-        method={
-            "type": "supervised",
-            "supervised": {
-                "hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 1}
-            },
-        },
+        method=demo.METHOD,
     )
     deadline = time.monotonic() + 900
     while job.status not in {"succeeded", "failed", "cancelled"}:
