@@ -6,19 +6,17 @@ the serve process preparing the same model at once end up with one complete copy
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from service import base_models
 from service.base_models import BaseModel
+from service.locks import file_lock
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,7 +40,7 @@ def ensure_prepared(settings: Settings, model_id: str) -> BaseModel:
         return model
     if model.source == "path":
         raise FileNotFoundError(f"model {model_id}: no config.json/tokenizer.json in {model.path}")
-    with _lock(model.path.with_name(model.path.name + ".lock")):
+    with file_lock(model.path.with_name(model.path.name + ".lock")):
         if not model.prepared:
             _prepare(settings, model)
     return model
@@ -130,14 +128,3 @@ def _make_tiny(tokenizer_from: Path, out: Path) -> None:
     model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

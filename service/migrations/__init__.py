@@ -12,7 +12,6 @@ with a database at the newest revision; review it and commit it.
 
 from __future__ import annotations
 
-import fcntl
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
+
+from service.locks import file_lock
 
 HERE = Path(__file__).resolve().parent
 FIRST_REVISION = "0001"
@@ -54,13 +55,8 @@ def _lock(engine: Engine) -> Iterator[None]:
     if not database or database == ":memory:":
         yield
         return
-    lock_path = Path(database).with_name(Path(database).name + ".migrate-lock")
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(database).with_name(Path(database).name + ".migrate-lock")):
+        yield
 
 
 def revision(message: str) -> None:
