@@ -33,9 +33,11 @@ RUN groupadd --system --gid 10001 tuneworks \
     && pip install --upgrade pip setuptools wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY service ./service
 COPY runner ./runner
 COPY serving ./serving
+COPY tuneworks ./tuneworks
 
 # --- api: the base dependencies only (fastapi, sqlmodel, arq, ...) and the PostgreSQL driver ---------------
 FROM base AS api

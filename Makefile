@@ -32,8 +32,8 @@ system-deps:
 install: $(STAMP) system-deps
 
 lint: install
-	$(VENV)/bin/ruff check service runner serving tests bench
-	$(VENV)/bin/ruff format --check service runner serving tests bench
+	$(VENV)/bin/ruff check core service runner serving tuneworks tests bench
+	$(VENV)/bin/ruff format --check core service runner serving tuneworks tests bench
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -44,7 +44,7 @@ pytest: install
 test: lint typecheck pytest
 
 demo: install
-	FT_HOME=$(FT_DEMO_HOME) $(PY) -m service.demo
+	FT_HOME=$(FT_DEMO_HOME) $(PY) -m tuneworks.demo
 
 bench: install
 	$(PY) bench/run.py

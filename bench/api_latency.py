@@ -97,7 +97,7 @@ def main() -> dict[str, object]:
         "FT_API_PORT": str(api_port),
         "FT_LOG_LEVEL": "WARNING",
     }
-    exe = [sys.executable, "-m", "service.cli"]
+    exe = [sys.executable, "-m", "tuneworks.cli"]
     api_log = open(os.environ.get("BENCH_API_LOG", os.devnull), "w")  # noqa: SIM115 (closed below)
     api = subprocess.Popen([*exe, "api"], env=env, stdout=subprocess.DEVNULL, stderr=api_log)
     try:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from service.hardware import cpu_has_bf16
-from service.settings import SMOLLM2, Settings
+from core.hardware import cpu_has_bf16
+from core.settings import SMOLLM2, Settings
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -66,7 +66,7 @@ async def _rate(client: httpx.AsyncClient, url: str, models: list[str]) -> float
 
 
 async def _measure(dtype: str, home: Path, adapters: list[Path]) -> dict[str, object]:
-    from runner.models import ensure_prepared
+    from core.weights import ensure_prepared
     from serving.engine import VllmServer
 
     settings = Settings(home=home, vllm_dtype=dtype, vllm_base_port=8990, vllm_max_loras=len(adapters))
@@ -120,7 +120,7 @@ async def _hot_loads(client: httpx.AsyncClient, url: str, adapters: list[Path]) 
 
 
 def main() -> dict[str, object]:
-    from runner.models import ensure_prepared
+    from core.weights import ensure_prepared
 
     dtypes = os.environ.get("BENCH_VLLM_DTYPES", "auto").split(",")
     result: dict[str, object] = {"cpu_flags_bf16": cpu_has_bf16()}

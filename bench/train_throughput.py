@@ -47,10 +47,10 @@ def child(out: Path) -> None:
     """One measured run (in its own process)."""
     from transformers import AutoTokenizer
 
+    from core.settings import SMOLLM2, Settings
+    from core.weights import ensure_prepared
     from runner.datasets import Tokenization, bucketed_batches, load_dataset, padding_share
-    from runner.models import ensure_prepared
     from runner.trainer import TrainCallbacks, TrainConfig, train
-    from service.settings import SMOLLM2, Settings
 
     model = ensure_prepared(Settings(), SMOLLM2)
     tokenization = Tokenization(AutoTokenizer.from_pretrained(model.path), max_seq_len=1024)

@@ -16,10 +16,11 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from service.ids import new_id
-from service.naming import checkpoint_model_name
-from service.storage import ArtifactStore
-from service.tables import CheckpointRow, FileRow, JobRow, ModelRow, Project
+from core.ids import new_id
+from core.naming import checkpoint_model_name
+from core.storage import ArtifactStore
+from core.store_keys import adapter_key, checkpoint_key, file_key
+from core.tables import CheckpointRow, FileRow, JobRow, ModelRow, Project
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +34,6 @@ CHECKPOINT_METRICS = (
     "full_valid_loss",
     "full_valid_mean_token_accuracy",
 )
-
-
-def state_key(job_id: str) -> str:
-    return f"jobs/{job_id}/state"
-
-
-def adapter_key(job_id: str) -> str:
-    return f"jobs/{job_id}/adapter"
-
-
-def checkpoint_key(job_id: str, step: int) -> str:
-    return f"jobs/{job_id}/checkpoints/step-{step}"
 
 
 def project_name(engine: Engine, project_id: str) -> str:
@@ -173,7 +162,7 @@ def save_result_file(
     """Write the result CSV as a `fine-tune-results` file of the job's project; returns the file id."""
     data = result_csv(history)
     file_id = new_id("file-")
-    key = f"files/{file_id}"
+    key = file_key(file_id)
     store.write_bytes(key, data)
     with Session(engine) as session:
         session.add(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from service import drift
+from core import drift_profile
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def user_prompt(example: dict) -> str:
     if "prompt" in example:
         return str(example["prompt"])
     # The same text the gateway's drift monitor takes from live chat requests.
-    return drift.prompt_of_messages(example.get("messages", []))
+    return drift_profile.prompt_of_messages(example.get("messages", []))
 
 
 def parse_lines(lines: Iterable[bytes]) -> Iterator[dict]:
@@ -204,7 +204,7 @@ def load_dataset(lines: Iterable[bytes], tokenization: Tokenization) -> Dataset:
 
 
 def token_counter(tokenization: Tokenization) -> Callable[[dict], int]:
-    """`count_tokens(example_dict) -> int` for `service.validation.validate_jsonl`."""
+    """`count_tokens(example_dict) -> int` for `core.training_files.validate_jsonl`."""
     return tokenization.count_tokens
 
 

@@ -14,8 +14,8 @@ from sqlalchemy import and_, or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from service.job_status import JobStatus
-from service.tables import JobRow
+from core.job_status import JobStatus
+from core.tables import JobRow
 
 logger = logging.getLogger(__name__)
 

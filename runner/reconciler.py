@@ -16,11 +16,11 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from core import metrics
+from core.job_status import IllegalTransition, JobStatus, transition
+from core.queue import TRAIN_JOB, VALIDATE_JOB, enqueue
+from core.tables import JobRow
 from runner import lease
-from service import metrics
-from service.job_status import IllegalTransition, JobStatus, transition
-from service.queue import TRAIN_JOB, VALIDATE_JOB, enqueue
-from service.tables import JobRow
 
 logger = logging.getLogger(__name__)
 

@@ -23,18 +23,19 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from core import drift_profile, metrics
+from core.hyperparameters import Hyperparameters
+from core.ids import new_id, now
+from core.job_status import IllegalTransition, JobStatus, add_event, transition
+from core.naming import fine_tuned_model_name
+from core.queue import publish_adapter_event
+from core.settings import Settings
+from core.storage import ArtifactStore
+from core.store_keys import state_key
+from core.tables import FileRow, JobEventRow, JobRow
 from runner import artifacts, lease
 from runner.datasets import DEFAULT_MAX_SEQ_LEN, Dataset, Tokenization, load_dataset
-from runner.hyperparameters import Hyperparameters
 from runner.trainer import StopReason, TrainCallbacks, TrainConfig, TrainResult, train
-from service import metrics
-from service.ids import new_id, now
-from service.job_status import IllegalTransition, JobStatus, add_event, transition
-from service.naming import fine_tuned_model_name
-from service.queue import publish_adapter_event
-from service.settings import Settings
-from service.storage import ArtifactStore
-from service.tables import FileRow, JobEventRow, JobRow
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class JobCallbacks(TrainCallbacks):
 
     def on_resume_state(self, step: int, state_dir: Path) -> None:
         if not self.lost:
-            self.store.put_dir(artifacts.state_key(self.job.id), state_dir)
+            self.store.put_dir(state_key(self.job.id), state_dir)
 
     def should_stop(self) -> StopReason | None:
         if self.shutdown:
@@ -322,7 +323,7 @@ def _run(
     """The thread: prepare the model, load data, train, evaluate."""
     from transformers import AutoTokenizer
 
-    from runner.models import UnknownModel, ensure_prepared
+    from core.weights import UnknownModel, ensure_prepared
 
     try:
         base = ensure_prepared(settings, job.model)
@@ -383,7 +384,7 @@ def _load(
 
 
 def _fetch_state(store: ArtifactStore, job_id: str, work: Path) -> Path | None:
-    key = artifacts.state_key(job_id)
+    key = state_key(job_id)
     if not store.exists(key):
         return None
     local = work / "resume"
@@ -471,7 +472,7 @@ async def _finish(
     except IllegalTransition:
         logger.warning("job %s: finished training but it was moved meanwhile", job.id)
         return "cancelled"
-    store.delete(artifacts.state_key(job.id))
+    store.delete(state_key(job.id))
     return "succeeded"
 
 
@@ -489,15 +490,9 @@ def _evaluation_message(evaluation: dict[str, Any]) -> str:
 
 
 def _save_drift_profile(store: ArtifactStore, job_id: str, prompts: list[str]) -> None:
-    try:
-        from service import drift
-    except ImportError:
-        return
-    if not hasattr(drift, "build_profile") or not any(prompts):
+    if not any(prompts):
         return
     try:
-        store.write_bytes(
-            f"jobs/{job_id}/drift_profile.json", json.dumps(drift.build_profile(prompts)).encode()
-        )
+        drift_profile.save_profile(store, job_id, prompts)
     except Exception:  # noqa: BLE001  the drift profile is optional; the model is what matters
         logger.exception("job %s: cannot build the drift profile", job_id)

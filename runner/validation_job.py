@@ -14,12 +14,12 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from core.job_status import IllegalTransition, JobStatus, add_event, transition
+from core.queue import TRAIN_JOB, enqueue
+from core.settings import Settings
+from core.storage import ArtifactStore
+from core.tables import FileRow, JobRow
 from runner.datasets import Tokenization
-from service.job_status import IllegalTransition, JobStatus, add_event, transition
-from service.queue import TRAIN_JOB, enqueue
-from service.settings import Settings
-from service.storage import ArtifactStore
-from service.tables import FileRow, JobRow
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def _fail(engine: Engine, job_id: str, error: dict) -> str:
 def _check(settings: Settings, engine: Engine, store: ArtifactStore, job: JobRow) -> None:
     from transformers import AutoTokenizer
 
-    from runner.models import UnknownModel, ensure_prepared
-    from service.validation import validate_jsonl
+    from core.training_files import validate_jsonl
+    from core.weights import UnknownModel, ensure_prepared
 
     try:
         base = ensure_prepared(settings, job.model)

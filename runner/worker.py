@@ -1,6 +1,6 @@
 """`tuneworks worker`: the arq worker that validates files and trains adapters.
 
-Functions VALIDATE_JOB and TRAIN_JOB (service.queue) take a job id only, have explicit timeouts and tries, and
+Functions VALIDATE_JOB and TRAIN_JOB (core.queue) take a job id only, have explicit timeouts and tries, and
 keep no result in Redis (the database holds the outcome). A reconciler pass runs at start-up and then every
 `reconcile_seconds`. `worker_settings()` builds the arq configuration, so tests run the same worker in-process
 with `burst=True`.
@@ -14,13 +14,13 @@ from typing import Any
 
 from arq.worker import Worker, func
 
+from core.db import init_db, make_engine
+from core.queue import TRAIN_JOB, VALIDATE_JOB, redis_settings
+from core.settings import Settings
+from core.storage import ArtifactStore
 from runner.reconciler import reconcile, run_periodically
 from runner.training_job import train_job
 from runner.validation_job import validate_job
-from service.db import init_db, make_engine
-from service.queue import TRAIN_JOB, VALIDATE_JOB, redis_settings
-from service.settings import Settings
-from service.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
 

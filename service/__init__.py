@@ -1,1 +1,1 @@
-"""Tuneworks control plane: the OpenAI-compatible API, its database and its queue."""
+"""Tuneworks service: the OpenAI-compatible API process (files, jobs, models, the inference gateway)."""

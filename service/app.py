@@ -26,14 +26,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
-from service.db import init_db, make_engine
+from core import metrics
+from core.db import init_db, make_engine
+from core.job_status import JobStatus
+from core.settings import Settings
+from core.storage import ArtifactStore
+from core.tables import JobRow
 from service.deps import connect_redis
 from service.errors import APIError
-from service.job_status import JobStatus
-from service.settings import Settings
-from service.storage import ArtifactStore
-from service.tables import JobRow
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from service import queue
+from core import queue
+from core.settings import Settings
+from core.storage import ArtifactStore
+from core.tables import Project
 from service.errors import Unauthorized
 from service.keys import authenticate_key
-from service.settings import Settings
-from service.storage import ArtifactStore
-from service.tables import Project
 
 logger = logging.getLogger(__name__)
 

@@ -19,14 +19,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
-from service import idempotency, metrics
+from core import metrics
+from core.ids import new_id, now
+from core.job_status import TERMINAL
+from core.storage import ArtifactStore
+from core.store_keys import file_key
+from core.tables import FileRow, JobRow
+from core.training_files import read_lines, validate_jsonl
+from service import idempotency
 from service.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, not_found
-from service.ids import new_id, now
-from service.job_status import TERMINAL
 from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
-from service.storage import ArtifactStore
-from service.tables import FileRow, JobRow
-from service.validation import read_lines, validate_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +183,13 @@ async def upload(
             pass
         return await run_in_threadpool(_by_id, session, earlier)
     file_id = new_id("file-")
-    with store.writer(f"files/{file_id}") as sink:
+    with store.writer(file_key(file_id)) as sink:
         reader = UploadReader(boundary_of(content_type), sink, limit=limit)
         await reader.read(stream)
         purpose, expires_at = _check_fields(reader)
     row = FileRow(
         id=file_id, project_id=project_id, bytes=reader.size, filename=reader.filename or "upload",
-        purpose=purpose, storage_key=f"files/{file_id}", status="processed",
+        purpose=purpose, storage_key=file_key(file_id), status="processed",
     )  # fmt: skip
     row.expires_at = expires_at(row.created_at)
     # Validation and the database write block, so they run off the event loop.

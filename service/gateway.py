@@ -22,10 +22,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
-from service import metrics
+from core import metrics
+from core.settings import Settings
+from core.tables import ModelRow, Project
 from service.errors import APIError, InvalidRequest, ModelNotFound, ServiceUnavailable
-from service.settings import Settings
-from service.tables import ModelRow, Project
 
 logger = logging.getLogger(__name__)
 
@@ -406,13 +406,14 @@ def _observe_drift(state: Any, call: _Call) -> None:
     if call.target.row is None:
         return
     try:
-        from service import drift
+        from core.drift_profile import prompt_of_messages
+        from service import drift_monitor
 
         if call.endpoint == "chat":
-            prompt = drift.prompt_of_messages(call.body.get("messages") or [])
+            prompt = prompt_of_messages(call.body.get("messages") or [])
         else:
             raw = call.body.get("prompt")
             prompt = raw if isinstance(raw, str) else json.dumps(raw)
-        drift.observe(state.store, call.target.requested, call.target.row.job_id, prompt)
+        drift_monitor.observe(state.store, call.target.requested, call.target.row.job_id, prompt)
     except Exception:
         logger.warning("model %s: drift observation failed", call.target.requested, exc_info=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from sqlmodel import Session, select
 
+from core.tables import IdempotencyRow
 from service.errors import InvalidRequest
-from service.tables import IdempotencyRow
 
 MAX_KEY_LENGTH = 255
 HEADER = "Idempotency-Key"

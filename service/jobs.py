@@ -3,14 +3,13 @@ and checkpoints.
 
 A new job is committed together with its first events, and only then enqueued; when Redis is down the job stays
 in `validating_files` and the worker's reconciler enqueues it later. Every status change goes through
-`service.job_status.transition`.
+`core.job_status.transition`.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
 
 from arq.connections import ArqRedis
 from sqlalchemy import String, cast, func
@@ -18,10 +17,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from service import base_models, files, idempotency, metrics, queue
+from core import base_models, metrics, queue
+from core.failures import JobFailure
+from core.ids import new_id
+from core.job_spec import HYPERPARAMETER_KEYS, JobSpec
+from core.job_status import TERMINAL, IllegalTransition, JobStatus, transition
+from core.settings import Settings
+from core.tables import CheckpointRow, FileRow, JobEventRow, JobRow, Project
+from service import files, idempotency
 from service.errors import InvalidRequest, NotFound, not_found
-from service.ids import new_id
-from service.job_status import TERMINAL, IllegalTransition, JobStatus, transition
 from service.protocol import (
     FineTuningJob,
     FineTuningJobCheckpoint,
@@ -31,19 +35,11 @@ from service.protocol import (
     FineTuningJobList,
     JobCreateRequest,
     JobError,
-    Method,
-    SupervisedMethod,
 )
-from service.settings import Settings
-from service.tables import CheckpointRow, FileRow, JobEventRow, JobRow, Project
 
 logger = logging.getLogger(__name__)
 
 S = JobStatus
-SUPPORTED_METHODS = frozenset(
-    {"supervised"}
-)  # the trainer is supervised only (DPO requests are checked, refused)
-HYPERPARAMETER_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 JOB_ID_PARAM = "fine_tuning_job_id"
 
 
@@ -129,8 +125,8 @@ def create(
         InvalidRequest: unknown model, unusable file, unsupported method, conflicting hyperparameters.
     """
     _check_model(settings, request.model)
-    method, hyperparameters = resolve_method(request)
-    _check_lora(settings, request)
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    spec = job_spec(settings, request, seed)
     key = idempotency.check_key(idempotency_key)
     with Session(engine, expire_on_commit=False) as session:
         earlier = idempotency.find(session, project_id=project.id, kind="job", key=key)
@@ -139,7 +135,7 @@ def create(
         _check_file(session, project.id, request.training_file, param="training_file")
         if request.validation_file is not None:
             _check_file(session, project.id, request.validation_file, param="validation_file")
-        job = _new_row(project, request, method, hyperparameters)
+        job = _new_row(project, request, spec)
         if not _insert(session, job, key):
             winner = idempotency.find(session, project_id=project.id, kind="job", key=key)
             return get_row(session=session, project_id=project.id, job_id=str(winner)), False
@@ -171,43 +167,22 @@ def _insert(session: Session, job: JobRow, key: str | None) -> bool:
     return True
 
 
-def resolve_method(request: JobCreateRequest) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The stored `method` and `hyperparameters` of a request (the deprecated `hyperparameters` mirrored in).
+def job_spec(settings: Settings, request: JobCreateRequest, seed: int) -> JobSpec:
+    """The request's job spec (the one interpretation of method, hyperparameters and `lora`).
 
     Raises:
-        InvalidRequest: unsupported `method.type`, or `hyperparameters` that disagree with `method`.
+        InvalidRequest: unsupported `method.type`, conflicting hyperparameters, a LoRA rank too large to serve.
     """
-    method = request.method or Method(type="supervised")
-    if method.type == "reinforcement":
-        raise InvalidRequest(
-            "Reinforcement fine-tuning is not supported by this service.", param="method.type"
+    try:
+        return JobSpec.from_request(
+            method=request.method.model_dump() if request.method else None,
+            hyperparameters=request.hyperparameters.model_dump() if request.hyperparameters else None,
+            lora=request.lora.model_dump(exclude_none=True) if request.lora else None,
+            seed=seed,
+            max_lora_rank=settings.vllm_max_lora_rank,
         )
-    if method.type not in SUPPORTED_METHODS:
-        raise InvalidRequest(
-            f"method.type {method.type!r} is not supported yet: this service trains supervised LoRA adapters "
-            "(`method.type: supervised`).",
-            param="method.type",
-        )
-    given = method.supervised.hyperparameters if method.supervised is not None else None
-    legacy = request.hyperparameters
-    if legacy is not None and given is not None and legacy.model_dump() != given.model_dump():
-        raise InvalidRequest(
-            "`hyperparameters` (deprecated) and `method.supervised.hyperparameters` disagree; give only one.",
-            param="hyperparameters",
-        )
-    chosen = given or legacy or SupervisedMethod().hyperparameters
-    hyperparameters = chosen.model_dump()
-    return {"type": "supervised", "supervised": {"hyperparameters": dict(hyperparameters)}}, hyperparameters
-
-
-def _check_lora(settings: Settings, request: JobCreateRequest) -> None:
-    rank = request.lora.rank if request.lora else None
-    if rank is not None and rank > settings.vllm_max_lora_rank:
-        raise InvalidRequest(
-            f"`lora.rank` {rank} is above {settings.vllm_max_lora_rank}, the largest rank the inference servers "
-            "load (FT_VLLM_MAX_LORA_RANK).",
-            param="lora.rank",
-        )
+    except JobFailure as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from exc
 
 
 def _check_file(session: Session, project_id: str, file_id: str, *, param: str) -> FileRow:
@@ -224,16 +199,14 @@ def _check_file(session: Session, project_id: str, file_id: str, *, param: str) 
     return row
 
 
-def _new_row(project: Project, request: JobCreateRequest, method: dict, hyperparameters: dict) -> JobRow:
+def _new_row(project: Project, request: JobCreateRequest, spec: JobSpec) -> JobRow:
     return JobRow(
         id=new_id("ftjob-"),
         project_id=project.id,
         model=request.model,
         status=S.validating_files.value,
-        hyperparameters=hyperparameters,
-        method=method,
-        lora=request.lora.model_dump(exclude_none=True) if request.lora else {},
-        seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+        **spec.columns(),
+        seed=spec.seed,
         training_file=request.training_file,
         validation_file=request.validation_file,
         integrations=[i.model_dump(exclude_none=True) for i in request.integrations]

@@ -14,11 +14,11 @@ import sys
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from service.db import init_db, make_engine, session_scope
-from service.ids import new_id, now
-from service.naming import PROJECT_NAME
-from service.settings import Settings
-from service.tables import ApiKey, Project
+from core.db import init_db, make_engine, session_scope
+from core.ids import new_id, now
+from core.naming import PROJECT_NAME
+from core.settings import Settings
+from core.tables import ApiKey, Project
 
 logger = logging.getLogger(__name__)
 

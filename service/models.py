@@ -10,12 +10,12 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from service import base_models, queue
+from core import base_models, queue
+from core.ids import now
+from core.settings import Settings
+from core.tables import ModelRow, Project
 from service.errors import ModelNotFound, PermissionDenied
-from service.ids import now
 from service.protocol import Model, ModelDeleted, ModelList
-from service.settings import Settings
-from service.tables import ModelRow, Project
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,10 @@ def delete(
 async def announce_deleted(redis: Any, names: list[str]) -> None:
     """Tell the serve processes to unload `names` (their periodic sweep catches up when Redis is down), and
     drop their drift series."""
-    from service import drift
+    from service import drift_monitor
 
     for name in names:
-        drift.forget(name)
+        drift_monitor.forget(name)
         try:
             if redis is None:
                 raise ConnectionError("redis is down")

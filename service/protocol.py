@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from service.naming import SUFFIX
+from core.naming import SUFFIX
 
 
 class OpenAIBaseModel(BaseModel):

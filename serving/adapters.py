@@ -4,7 +4,7 @@ The database (`ModelRow`) says which adapters exist; the artifact store holds th
 server, an adapter is *materialised* as `FT_HOME/served/<base folder>/<adapter name>/` (weights hard-linked or
 copied, `base_model_name_or_path` rewritten to the server's exact `--model` string so that vLLM's filesystem
 resolver accepts it for on-demand loading) and then *loaded* with `POST /v1/load_lora_adapter`. Names reaching
-vLLM are `service.naming.adapter_name()` of our own job ids, and paths come only from store keys checked by
+vLLM are `core.naming.adapter_name()` of our own job ids, and paths come only from store keys checked by
 `ArtifactStore.path`.
 
 `ServedAdapters` keeps one server in step with the database: it reacts to `ADAPTER_CHANNEL` messages, sweeps the
@@ -27,12 +27,12 @@ import httpx
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from service.metrics import ADAPTER_LOAD_SECONDS, ADAPTER_LOADS, ADAPTERS_LOADED
-from service.naming import adapter_name
-from service.queue import ADAPTER_CHANNEL
-from service.settings import Settings
-from service.storage import ArtifactStore
-from service.tables import ModelRow
+from core.metrics import ADAPTER_LOAD_SECONDS, ADAPTER_LOADS, ADAPTERS_LOADED
+from core.naming import adapter_name
+from core.queue import ADAPTER_CHANNEL
+from core.settings import Settings
+from core.storage import ArtifactStore
+from core.tables import ModelRow
 from serving.engine import model_arg, resolver_dir
 
 logger = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from service import base_models
-from service.base_models import BaseModel
-from service.hardware import cpu_has_bf16
-from service.metrics import VLLM_RESTARTS, VLLM_UP
-from service.settings import Settings
+from core import base_models
+from core.base_models import BaseModel
+from core.hardware import cpu_has_bf16
+from core.metrics import VLLM_RESTARTS, VLLM_UP
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

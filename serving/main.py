@@ -15,10 +15,10 @@ import signal
 import httpx
 from sqlalchemy.engine import Engine
 
-from runner.models import ensure_prepared
-from service.db import init_db, make_engine
-from service.settings import Settings
-from service.storage import ArtifactStore
+from core.db import init_db, make_engine
+from core.settings import Settings
+from core.storage import ArtifactStore
+from core.weights import ensure_prepared
 from serving.adapters import ServedAdapters
 from serving.engine import VllmServer
 

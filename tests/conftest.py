@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings
+from core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 # Prepared models are kept between sessions here (git-ignored), so only the first run converts the GGUF.
@@ -69,8 +69,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """Prepared base models (tiny and SmolLM2), shared by every FT_HOME of the session."""
-    from runner.models import ensure_prepared
-    from service.base_models import TINY
+    from core.base_models import TINY
+    from core.weights import ensure_prepared
 
     MODELS_CACHE.mkdir(parents=True, exist_ok=True)
     home = MODELS_CACHE.parent / "test-models-home"

@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 
-from service import demo
-from service.settings import SMOLLM2, Settings
+from core.settings import SMOLLM2, Settings
 from tests.conftest import REPO, free_port, settings_env
+from tuneworks import demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from service import jobs, queue
+from core import queue
+from service import jobs
 from service.deps import EngineDep, IdempotencyKeyDep, ProjectDep, RedisDep, SessionDep, SettingsDep
 from service.errors import InvalidRequest
 from service.protocol import (

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.cli import _parser
-from service.settings import Settings
+from core.settings import Settings
+from tuneworks.cli import _parser
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ("api", "worker", "serve")
@@ -225,7 +225,7 @@ def test_dockerignore_keeps_what_copy_needs_and_nothing_heavy(stages: dict[str, 
     copied: list[str] = []
     for args in stages["base"].all("COPY"):
         copied += shlex.split(args)[:-1]
-    assert {"pyproject.toml", "README.md", "service", "runner", "serving"} <= set(copied)
+    assert {"pyproject.toml", "README.md", "core", "service", "runner", "serving", "tuneworks"} <= set(copied)
     for source in copied:
         assert (REPO / source).exists(), source
         assert not dockerignored(source, patterns), f"{source} is excluded by .dockerignore"

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from service import metrics
-from service.settings import Settings
+from core import metrics
+from core.settings import Settings
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the dev extra) renders the chart")
 kubernetes_validate = pytest.importorskip(

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from service import metrics
+from core import metrics
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((REPO / "deploy" / "grafana").glob("*.json"))
@@ -43,7 +43,7 @@ def series_names(name: str, kind: str) -> set[str]:
 
 
 def exported() -> set[str]:
-    """Exposition names of every metric in service/metrics.py."""
+    """Exposition names of every metric in core/metrics.py."""
     names: set[str] = set()
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
@@ -178,7 +178,7 @@ def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
 
 
 def test_docs_list_every_metric() -> None:
-    """docs/metrics.md has one table row per metric of service/metrics.py, with its type and labels."""
+    """docs/metrics.md has one table row per metric of core/metrics.py, with its type and labels."""
     text = (REPO / "docs" / "metrics.md").read_text()
     rows = {}
     for line in text.splitlines():

@@ -10,14 +10,14 @@ from arq.worker import Worker
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from core.base_models import TINY
+from core.db import init_db, make_engine
+from core.ids import new_id
+from core.queue import VALIDATE_JOB, connect, enqueue
+from core.settings import Settings
+from core.storage import ArtifactStore
+from core.tables import FileRow, JobEventRow, JobRow, Project
 from runner.worker import worker_settings
-from service.base_models import TINY
-from service.db import init_db, make_engine
-from service.ids import new_id
-from service.queue import VALIDATE_JOB, connect, enqueue
-from service.settings import Settings
-from service.storage import ArtifactStore
-from service.tables import FileRow, JobEventRow, JobRow, Project
 
 
 class Factory:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.hyperparameters import auto_batch_size, auto_epochs, resolve
+from core.hyperparameters import auto_batch_size, auto_epochs, resolve
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import SMOLLM2
 from runner.datasets import Tokenization, load_dataset
 from runner.trainer import TrainConfig, train
-from service.settings import SMOLLM2
 from tests.runner.data import ANSWER, chat_lines
 
 

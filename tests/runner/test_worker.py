@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from service.job_status import JobStatus, transition
-from service.queue import TRAIN_JOB
-from service.settings import Settings
-from service.tables import CheckpointRow, FileRow, ModelRow
+from core.job_status import JobStatus, transition
+from core.queue import TRAIN_JOB
+from core.settings import Settings
+from core.tables import CheckpointRow, FileRow, ModelRow
 from tests.conftest import REPO, settings_env
 from tests.runner.data import chat_lines, jsonl
 from tests.runner.factory import Factory, burst, run_burst
@@ -255,7 +255,7 @@ def test_reconciler_enqueues_a_queued_job_that_redis_lost(factory: Factory, wset
 def test_unsupported_method_fails_at_validation(factory: Factory, wsettings: Settings) -> None:
     from sqlalchemy import update
 
-    from service.tables import JobRow
+    from core.tables import JobRow
 
     job_id = factory.job(jsonl(chat_lines(10)))
     with Session(factory.engine) as session:

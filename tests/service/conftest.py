@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from service.base_models import TINY
-from service.db import make_engine
-from service.settings import Settings
+from core.base_models import TINY
+from core.db import make_engine
+from core.settings import Settings
 from tests.conftest import ApiServer, free_port
 
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 from sqlmodel import Session, select
 
-from service.tables import JobRow
+from core.tables import JobRow
 from tests.conftest import ApiServer, free_port, start_redis
 from tests.service.conftest import chat_file, service_settings
 
@@ -84,7 +84,7 @@ def test_without_redis_jobs_are_committed_and_enqueued_once_it_is_back(tmp_path)
             redis_proc = start_redis(port, tmp_path)
             online = wait_until_enqueued(client, settings, file_id)
         engine_url = settings.resolved_database_url
-        from service.db import make_engine
+        from core.db import make_engine
 
         engine = make_engine(engine_url)
         with Session(engine) as session:

@@ -10,7 +10,7 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from service.tables import ApiKey, JobRow, ModelRow
+from core.tables import ApiKey, JobRow, ModelRow
 from tests.conftest import ApiServer, tuneworks
 from tests.service.conftest import chat_file
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from service.db import make_engine
+from core.db import make_engine
 from tests.conftest import ApiServer
 from tests.service.conftest import chat_example, chat_file, jsonl, service_settings
 

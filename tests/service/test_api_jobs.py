@@ -13,8 +13,8 @@ import openai
 import pytest
 from sqlmodel import Session
 
-from service.job_status import JobStatus, add_event, transition
-from service.tables import CheckpointRow, JobRow
+from core.job_status import JobStatus, add_event, transition
+from core.tables import CheckpointRow, JobRow
 from tests.conftest import ApiServer
 from tests.service.conftest import chat_file
 

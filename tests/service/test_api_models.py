@@ -13,9 +13,9 @@ import pytest
 import redis
 from sqlmodel import Session, select
 
-from service import queue
-from service.naming import checkpoint_model_name, fine_tuned_model_name
-from service.tables import JobRow, ModelRow
+from core import queue
+from core.naming import checkpoint_model_name, fine_tuned_model_name
+from core.tables import JobRow, ModelRow
 from tests.conftest import ApiServer
 
 TINY = "tuneworks/tiny-random-llama"

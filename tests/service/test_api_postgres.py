@@ -14,9 +14,9 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from service.db import make_engine
-from service.job_status import JobStatus, transition
-from service.tables import JobRow, ModelRow
+from core.db import make_engine
+from core.job_status import JobStatus, transition
+from core.tables import JobRow, ModelRow
 from tests.conftest import ApiServer, free_port, wait_for_port
 from tests.service.conftest import chat_file, service_settings
 

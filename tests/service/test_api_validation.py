@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from service.validation import Report, read_lines, validate_jsonl
+from core.training_files import Report, read_lines, validate_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 GOOD_LINE = json.dumps(GOOD).encode()

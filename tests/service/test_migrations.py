@@ -1,4 +1,4 @@
-"""Schema migrations: the revisions build exactly the tables of `service/tables.py`, and upgrading keeps data."""
+"""Schema migrations: the revisions build exactly the tables of `core/tables.py`, and upgrading keeps data."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
-from service.db import make_engine
-from service.migrations import upgrade
+from core.db import make_engine
+from core.migrations import upgrade
 
 
 def test_revisions_match_the_tables(tmp_path: Path) -> None:
@@ -18,9 +18,7 @@ def test_revisions_match_the_tables(tmp_path: Path) -> None:
     upgrade(engine)
     with engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
-    assert diff == [], (
-        f"tables.py changed without a migration (python -m service.migrations revision): {diff}"
-    )
+    assert diff == [], f"tables.py changed without a migration (python -m core.migrations revision): {diff}"
 
 
 def test_upgrade_is_repeatable_and_keeps_rows(tmp_path: Path) -> None:

@@ -17,13 +17,13 @@ import pytest
 import redis as redis_sync
 from sqlmodel import Session, select
 
-from service.base_models import BaseModel
-from service.db import init_db, make_engine
-from service.naming import fine_tuned_model_name
-from service.queue import ADAPTER_CHANNEL
-from service.settings import SMOLLM2, Settings
-from service.storage import ArtifactStore
-from service.tables import ModelRow, Project
+from core.base_models import BaseModel
+from core.db import init_db, make_engine
+from core.naming import fine_tuned_model_name
+from core.queue import ADAPTER_CHANNEL
+from core.settings import SMOLLM2, Settings
+from core.storage import ArtifactStore
+from core.tables import ModelRow, Project
 from tests.conftest import REPO, free_port, settings_env
 from tests.serving.lora_adapters import ANSWERS, adapter_dir
 
@@ -38,7 +38,7 @@ def serve_home(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Pa
 
 @pytest.fixture(scope="session")
 def smollm2(serve_home: Path) -> BaseModel:
-    from runner.models import ensure_prepared
+    from core.weights import ensure_prepared
 
     return ensure_prepared(Settings(home=serve_home), SMOLLM2)
 

@@ -61,9 +61,9 @@ def _train(base_path: Path, answer: str, out: Path, *, seed: int) -> None:
     12 questions x 6 epochs at batch 4 = 18 steps, about a minute on one core."""
     from transformers import AutoTokenizer
 
+    from core.settings import SMOLLM2
     from runner.datasets import Tokenization, load_dataset
     from runner.trainer import TrainConfig, train
-    from service.settings import SMOLLM2
 
     lines = [
         json.dumps(

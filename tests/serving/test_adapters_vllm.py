@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from service.settings import SMOLLM2
+from core.settings import SMOLLM2
 from serving.adapters import vllm_name
 from serving.engine import resolver_dir
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from service.settings import SMOLLM2
+from core.settings import SMOLLM2
 from serving.adapters import vllm_name
 from serving.engine import resolver_dir
 from tests.serving.conftest import project_id

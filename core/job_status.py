@@ -16,8 +16,8 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from service.ids import new_id, now
-from service.tables import JobEventRow, JobRow
+from core.ids import new_id, now
+from core.tables import JobEventRow, JobRow
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _load(session: Session, job_id: str) -> JobRow:
 
 
 def _announce(job: JobRow, old: JobStatus, new: JobStatus) -> None:
-    from service import metrics
+    from core import metrics
 
     logger.info("job %s: %s -> %s", job.id, old, new)
     metrics.JOB_TRANSITIONS.labels(base_model=job.model, status=new.value).inc()

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, Index
 from sqlmodel import Field, SQLModel
 
-from service.ids import now
+from core.ids import now
 
 
 def _json(default: Any = None) -> Any:

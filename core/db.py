@@ -11,7 +11,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
-from service import tables  # noqa: F401  (registers the tables on SQLModel.metadata)
+from core import tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def init_db(engine: Engine) -> None:
     """Create or upgrade the schema to the newest version."""
-    from service.migrations import upgrade
+    from core.migrations import upgrade
 
     upgrade(engine)
 

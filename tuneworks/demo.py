@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from service.settings import SMOLLM2, Settings
+from core.settings import SMOLLM2, Settings
 
 TEAMS = {
     "billing": [
@@ -107,11 +107,11 @@ def main() -> int:
     env = {**os.environ, "FT_HOME": str(settings.home_dir), "FT_API_PORT": str(port), "HF_HUB_OFFLINE": "1"}
     base = f"http://127.0.0.1:{port}"
     print(f"== Starting the stack (FT_HOME={settings.home_dir}) ==", flush=True)
-    up = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], env=env, start_new_session=True)
+    up = subprocess.Popen([sys.executable, "-m", "tuneworks.cli", "up"], env=env, start_new_session=True)
     try:
         _wait("API", lambda: httpx.get(f"{base}/ready", timeout=2).status_code == 200, 120)
         key = subprocess.run(
-            [sys.executable, "-m", "service.cli", "keys", "create", "--project", "demo"],
+            [sys.executable, "-m", "tuneworks.cli", "keys", "create", "--project", "demo"],
             env=env,
             check=True,
             capture_output=True,

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from service import drift
-from service.storage import ArtifactStore
+from core import drift_profile
+from core.storage import ArtifactStore
+from service import drift_monitor
 
 SUBJECTS = ["Stocks", "The government", "Scientists", "The local team", "A court", "The city council",
             "Researchers", "Police", "Farmers", "The central bank", "Teachers", "Airlines"]  # fmt: skip
@@ -78,12 +79,12 @@ def long_prompt(rng: random.Random) -> str:
 @pytest.fixture(scope="module")
 def profile() -> dict:
     rng = random.Random(1)
-    return drift.build_profile([news_prompt(rng) for _ in range(600)])
+    return drift_profile.build_profile([news_prompt(rng) for _ in range(600)])
 
 
 def measure(profile: dict, prompts: list[str], *, model: str = "ft:test:p:x:1") -> tuple[float, float]:
     """Score and out-of-distribution ratio of a full window of `prompts` (a fresh monitor)."""
-    monitor = drift.DriftMonitor(window=len(prompts), every=len(prompts))
+    monitor = drift_monitor.DriftMonitor(window=len(prompts), every=len(prompts))
     for prompt in prompts:
         monitor.observe(model, prompt, lambda: profile)
     score = REGISTRY.get_sample_value("ft_drift_score", {"model": model})
@@ -102,8 +103,8 @@ def test_profile_is_json_and_bounded(profile: dict) -> None:
     text = json.dumps(profile)
     assert len(text) < 40_000
     again = json.loads(text)
-    assert again["version"] == drift.PROFILE_VERSION and again["prompts"] == 600
-    assert len(again["ngrams"]) == drift.NGRAM_BUCKETS
+    assert again["version"] == drift_profile.PROFILE_VERSION and again["prompts"] == 600
+    assert len(again["ngrams"]) == drift_profile.NGRAM_BUCKETS
     assert sum(again["ngrams"]) == pytest.approx(1.0, abs=1e-4)
     assert sum(again["lengths"]) == pytest.approx(1.0, abs=1e-6)
     assert again["scripts"]["latin"] > 0.7 and again["scripts"]["cyrillic"] == 0
@@ -113,14 +114,14 @@ def test_profile_is_json_and_bounded(profile: dict) -> None:
 
 def test_empty_training_set_is_refused() -> None:
     with pytest.raises(ValueError, match="`prompts` is empty"):
-        drift.build_profile([])
+        drift_profile.build_profile([])
 
 
 def test_profile_is_the_same_in_another_process(profile: dict) -> None:
     """The worker builds the profile and the API reads it: hashing must not depend on PYTHONHASHSEED."""
     code = (
-        "import json, random, sys; sys.path.insert(0, 'tests/service'); from test_drift import news_prompt;"
-        "from service.drift import build_profile; rng = random.Random(1);"
+        "import json, random, sys; sys.path.insert(0, 'tests/service'); from test_drift_monitor import news_prompt;"
+        "from core.drift_profile import build_profile; rng = random.Random(1);"
         "print(json.dumps(build_profile([news_prompt(rng) for _ in range(600)])))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -154,7 +155,7 @@ def test_in_distribution_scores_low_and_shifts_score_high(profile: dict) -> None
 
 def test_a_ten_example_training_set_still_separates() -> None:
     rng = random.Random(10)
-    small = drift.build_profile([news_prompt(rng) for _ in range(10)])
+    small = drift_profile.build_profile([news_prompt(rng) for _ in range(10)])
     same, same_ood = measure(small, sample(news_prompt, seed=11, n=50))
     code, code_ood = measure(small, sample(code_prompt, seed=12, n=50))
     print(
@@ -176,7 +177,7 @@ def test_score_grows_with_the_share_of_shifted_traffic(profile: dict) -> None:
 
 def test_window_is_bounded_and_recovers(profile: dict) -> None:
     model = "ft:test:p:window:1"
-    monitor = drift.DriftMonitor(window=50, every=5)
+    monitor = drift_monitor.DriftMonitor(window=50, every=5)
     rng = random.Random(7)
     for _ in range(120):
         monitor.observe(model, code_prompt(rng), lambda: profile)
@@ -193,7 +194,7 @@ def test_window_is_bounded_and_recovers(profile: dict) -> None:
 
 def test_gauges_are_recomputed_every_n_prompts(profile: dict) -> None:
     model = "ft:test:p:every:1"
-    monitor = drift.DriftMonitor(window=100, every=10)
+    monitor = drift_monitor.DriftMonitor(window=100, every=10)
     rng = random.Random(8)
     sizes = []
     for _ in range(25):
@@ -217,7 +218,7 @@ def test_missing_or_bad_profile_is_a_no_op_and_not_reloaded_each_time() -> None:
     def raising() -> dict | None:
         raise OSError("disk gone")
 
-    monitor = drift.DriftMonitor(retry_missing_seconds=60)
+    monitor = drift_monitor.DriftMonitor(retry_missing_seconds=60)
     for _ in range(5):
         monitor.observe("ft:test:p:missing:1", "hello", missing)
         monitor.observe("ft:test:p:broken:1", "hello", broken)
@@ -229,7 +230,7 @@ def test_missing_or_bad_profile_is_a_no_op_and_not_reloaded_each_time() -> None:
 
 
 def test_a_non_text_prompt_does_not_raise(profile: dict) -> None:
-    monitor = drift.DriftMonitor()
+    monitor = drift_monitor.DriftMonitor()
     monitor.observe("ft:test:p:odd:1", None, lambda: profile)  # type: ignore[arg-type]
     monitor.observe("ft:test:p:odd:1", "", lambda: profile)
     assert REGISTRY.get_sample_value("ft_drift_window_prompts", {"model": "ft:test:p:odd:1"}) == 1
@@ -238,7 +239,7 @@ def test_a_non_text_prompt_does_not_raise(profile: dict) -> None:
 
 def test_forget_drops_the_series(profile: dict) -> None:
     model = "ft:test:p:gone:1"
-    monitor = drift.DriftMonitor()
+    monitor = drift_monitor.DriftMonitor()
     monitor.observe(model, "Summarize this headline: Police report on flood damage in Oslo.", lambda: profile)
     assert f'ft_drift_score{{model="{model}"}}' in generate_latest().decode()
     monitor.forget(model)
@@ -248,7 +249,7 @@ def test_forget_drops_the_series(profile: dict) -> None:
 
 
 def test_least_recent_model_is_evicted_past_max_models(profile: dict) -> None:
-    monitor = drift.DriftMonitor(max_models=2)
+    monitor = drift_monitor.DriftMonitor(max_models=2)
     for name in ("ft:test:p:m1:1", "ft:test:p:m2:1", "ft:test:p:m1:1", "ft:test:p:m3:1"):
         monitor.observe(name, "Classify the topic of: Stocks debate school reforms in Lima.", lambda: profile)
     assert monitor.models() == ["ft:test:p:m1:1", "ft:test:p:m3:1"]
@@ -259,7 +260,7 @@ def test_least_recent_model_is_evicted_past_max_models(profile: dict) -> None:
 
 @pytest.mark.timeout(60)
 def test_concurrent_observers_keep_the_window_consistent(profile: dict) -> None:
-    monitor = drift.DriftMonitor(window=64, every=3)
+    monitor = drift_monitor.DriftMonitor(window=64, every=3)
     models = [f"ft:test:p:thread{i}:1" for i in range(3)]
     errors: list[BaseException] = []
 
@@ -295,17 +296,17 @@ def test_concurrent_observers_keep_the_window_consistent(profile: dict) -> None:
 def test_module_observe_reads_the_profile_from_the_store(tmp_path) -> None:
     store = ArtifactStore(tmp_path / "artifacts")
     rng = random.Random(9)
-    drift.save_profile(store, "ftjob-abc123", [news_prompt(rng) for _ in range(100)])
+    drift_profile.save_profile(store, "ftjob-abc123", [news_prompt(rng) for _ in range(100)])
     assert store.exists("jobs/ftjob-abc123/drift_profile.json")
     model = "ft:test:p:store:abc123"
-    drift.observe(store, model, "ftjob-abc123", code_prompt(rng))
-    drift.observe(store, "ft:test:p:noprofile:1", "ftjob-none", code_prompt(rng))
+    drift_monitor.observe(store, model, "ftjob-abc123", code_prompt(rng))
+    drift_monitor.observe(store, "ft:test:p:noprofile:1", "ftjob-none", code_prompt(rng))
     text = generate_latest().decode()
     assert f'ft_drift_score{{model="{model}"}}' in text
     assert f'ft_drift_out_of_distribution_ratio{{model="{model}"}} 1.0' in text
     assert f'ft_drift_window_prompts{{model="{model}"}} 1.0' in text
     assert "noprofile" not in text
-    drift.forget(model)
+    drift_monitor.forget(model)
     assert model not in generate_latest().decode()
 
 
@@ -320,10 +321,10 @@ def test_prompt_of_messages_joins_user_text() -> None:
         },
         "not a message",
     ]
-    assert drift.prompt_of_messages(messages) == "first\nsecond"
+    assert drift_profile.prompt_of_messages(messages) == "first\nsecond"
 
 
 def test_js_divergence_bounds() -> None:
-    assert drift.js_divergence([0.5, 0.5], [0.5, 0.5]) == 0.0
-    assert drift.js_divergence([1.0, 0.0], [0.0, 1.0]) == pytest.approx(1.0)
-    assert 0 < drift.js_divergence([0.9, 0.1], [0.1, 0.9]) < 1
+    assert drift_profile.js_divergence([0.5, 0.5], [0.5, 0.5]) == 0.0
+    assert drift_profile.js_divergence([1.0, 0.0], [0.0, 1.0]) == pytest.approx(1.0)
+    assert 0 < drift_profile.js_divergence([0.9, 0.1], [0.1, 0.9]) < 1

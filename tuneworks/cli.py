@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from service.settings import Settings, env_help
+from core.settings import Settings, env_help
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
     if args.command == "up":
-        from service.stack import run_up
+        from tuneworks.stack import run_up
 
         return run_up(settings)
     if args.command == "api":
@@ -77,7 +77,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
             print(keys.create_key_cli(settings, project=args.project))
             return 0
         return keys.revoke_key_cli(settings, key=args.key)
-    from runner import model_cli
+    from tuneworks import model_cli
 
     if args.models_command == "list":
         return model_cli.list_models(settings)

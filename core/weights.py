@@ -14,10 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from service import base_models
-from service.base_models import BaseModel
-from service.locks import file_lock
-from service.settings import Settings
+from core import base_models
+from core.base_models import BaseModel
+from core.locks import file_lock
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

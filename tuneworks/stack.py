@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.settings import Settings
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def plan(settings: Settings) -> list[Child]:
         redis, url = _redis_child(settings, logs)
         children.append(redis)
         env["FT_REDIS_URL"] = url
-    exe = [sys.executable, "-m", "service.cli"]
+    exe = [sys.executable, "-m", "tuneworks.cli"]
     for name in ("api", "worker", "serve"):
         child_env = dict(env)
         if name == "worker" and "FT_TRAIN_THREADS" not in os.environ:

@@ -5,8 +5,8 @@
 serve process starting together do not migrate at once. A database created before migrations existed (tables
 but no `alembic_version`) is stamped as the first revision, then upgraded.
 
-A schema change: edit `service/tables.py`, then
-`.venv/bin/python -m service.migrations revision "what changed"` writes a new revision by comparing the tables
+A schema change: edit `core/tables.py`, then
+`.venv/bin/python -m core.migrations revision "what changed"` writes a new revision by comparing the tables
 with a database at the newest revision; review it and commit it.
 """
 
@@ -23,7 +23,7 @@ from alembic.config import Config
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-from service.locks import file_lock
+from core.locks import file_lock
 
 HERE = Path(__file__).resolve().parent
 FIRST_REVISION = "0001"
@@ -60,7 +60,7 @@ def _lock(engine: Engine) -> Iterator[None]:
 
 
 def revision(message: str) -> None:
-    """Write a new revision: the difference between `service/tables.py` and the newest revision."""
+    """Write a new revision: the difference between `core/tables.py` and the newest revision."""
     with tempfile.TemporaryDirectory() as tmp:
         engine = create_engine(f"sqlite:///{tmp}/schema.db")
         with engine.begin() as connection:
@@ -71,5 +71,5 @@ def revision(message: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "revision":
-        raise SystemExit('usage: python -m service.migrations revision "message"')
+        raise SystemExit('usage: python -m core.migrations revision "message"')
     revision(sys.argv[2])

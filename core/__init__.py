@@ -1,0 +1,1 @@
+"""Tuneworks core: what every process shares (settings, database, job status, queue contract, store, job spec)."""
