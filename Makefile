@@ -34,6 +34,7 @@ install: $(STAMP) system-deps
 lint: install
 	$(VENV)/bin/ruff check core service runner serving tuneworks tests bench
 	$(VENV)/bin/ruff format --check core service runner serving tuneworks tests bench
+	$(VENV)/bin/lint-imports  # the package boundaries: pyproject.toml [tool.importlinter]
 
 typecheck: install
 	$(VENV)/bin/mypy

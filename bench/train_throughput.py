@@ -48,9 +48,10 @@ def child(out: Path) -> None:
     from transformers import AutoTokenizer
 
     from core.settings import SMOLLM2, Settings
+    from core.train_config import TrainConfig
     from core.weights import ensure_prepared
     from runner.datasets import Tokenization, bucketed_batches, load_dataset, padding_share
-    from runner.trainer import TrainCallbacks, TrainConfig, train
+    from runner.trainer import TrainCallbacks, train
 
     model = ensure_prepared(Settings(), SMOLLM2)
     tokenization = Tokenization(AutoTokenizer.from_pretrained(model.path), max_seq_len=1024)

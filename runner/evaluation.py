@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from runner.batching import collate, label_loss, micro_batches
 from runner.datasets import Dataset, Example
-from runner.trainer import collate, label_loss, micro_batches
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,21 @@
-"""The LoRA trainer: a plain function of (config, data, callbacks), with no database or Redis inside.
+"""The LoRA training loop: a plain function of (config, data, callbacks), with no database or Redis inside.
+
+This module holds the loop itself: loading the base model with fresh LoRA layers (`load_model`), device and
+dtype choice, the optimizer and learning-rate schedule, one optimizer step, periodic validation, adapter
+checkpoints at epoch ends and the stop/pause handling; `train()` is the entry point and `TrainCallbacks` the
+hooks it calls. Padding, micro-batches and the loss live in `runner.batching`; writing and reading resume
+state in `runner.resume`.
 
 Where the time goes on a CPU, and what this loop does about it:
 - padding: batches are length-bucketed (`datasets.bucketed_batches`) and split into micro-batches of at most
   `micro_batch_tokens` padded tokens (gradient accumulation; `batch_size` stays the effective batch);
 - the LM head (hidden x vocabulary per token): hidden states come from the base model's body and the (frozen,
-  tied) head runs only at the positions that carry a label;
-- precision: the base weights in bf16 (the CPU here has bf16 matrix units), LoRA weights and optimizer in fp32.
+  tied) head runs only at the positions that carry a label (`batching.label_loss`);
+- precision: the base weights in bf16 where the CPU has bf16 matrix units (else fp32), LoRA weights and
+  optimizer in fp32.
 
-Resume state (adapter, optimizer, scheduler, RNG, data position, metric history) is written at every epoch end,
-at least every `resume_state_seconds`, and when stopping for a pause; a run resumed from it takes the same
-batches with the same dropout masks as the uninterrupted run.
+Resume state is written at every epoch end, at least every `resume_state_seconds`, and when stopping for a
+pause; a run resumed from it takes the same batches with the same dropout masks as the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,17 +30,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from core import hyperparameters
 from core.hardware import cpu_has_bf16
 from core.train_config import TrainConfig
-from runner.datasets import IGNORE, Dataset, Example, bucketed_batches
+from runner.batching import collate, label_loss, micro_batches
+from runner.datasets import Dataset, Example, bucketed_batches
+from runner.resume import read_state, write_state
 
 logger = logging.getLogger(__name__)
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-STATE_FILE = "trainer_state.pt"
 StopReason = Literal["pause", "cancel"]
 
 
@@ -73,66 +79,6 @@ class TrainResult:
     )  # metrics of every step, resumed ones included
     trained_tokens: int = 0  # tokens of the training data x epochs (the billing count)
     model: Any = None  # the trained PEFT model (eval mode) for evaluation; None when stopped
-
-
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    @property
-    def n_labels(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE).sum())
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def collate(examples: list[Example], pad_id: int, device: torch.device) -> _Batch:
-    """Right-pad `examples` to the longest one."""
-    longest = max(len(e) for e in examples)
-    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(example.labels)
-    return _Batch(ids.to(device), mask.to(device), labels.to(device))
-
-
-def label_loss(model: Any, batch: _Batch) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy and the number of correct argmax predictions, at labelled positions only.
-
-    The LM head runs on the hidden states of the positions that predict a label, not on every position.
-    """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = inner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    targets = batch.labels[:, 1:]
-    selected = targets != IGNORE
-    logits = inner.lm_head(hidden[:, :-1][selected]).float()
-    wanted = targets[selected]
-    loss = F.cross_entropy(logits, wanted, reduction="sum")
-    correct = int((logits.argmax(-1) == wanted).sum())
-    return loss, correct
-
-
-def micro_batches(examples: list[Example], token_limit: int) -> list[list[Example]]:
-    """Split one batch into consecutive groups whose padded size stays within `token_limit`."""
-    groups: list[list[Example]] = []
-    current: list[Example] = []
-    for example in sorted(examples, key=len):
-        longest = max([len(example), *(len(e) for e in current)])
-        if current and longest * (len(current) + 1) > token_limit:
-            groups.append(current)
-            current = []
-        current.append(example)
-    if current:
-        groups.append(current)
-    return groups
 
 
 def resolve_device(name: str) -> torch.device:
@@ -326,18 +272,17 @@ class _Run:
     def save_state(self, epoch: int, batch_index: int) -> Path:
         """Write resume state for continuing at (`epoch`, `batch_index`) into a fresh folder."""
         folder = self.config.output_dir / f"state-{self.step}"
-        self.save_adapter(folder / "adapter")
-        state = {
-            "step": self.step,
-            "epoch": epoch,
-            "batch_index": batch_index,
-            "fingerprint": self.fingerprint(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "history": self.history,
-        }
-        torch.save(state, folder / STATE_FILE)
+        write_state(
+            folder,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            step=self.step,
+            epoch=epoch,
+            batch_index=batch_index,
+            fingerprint=self.fingerprint(),
+            history=self.history,
+        )
         self.last_state_save = time.monotonic()
         self.callbacks.on_resume_state(self.step, folder)
         if self.state_dir and self.state_dir != folder:
@@ -354,22 +299,17 @@ class _Run:
         Raises:
             ValueError: the state belongs to a run with other hyperparameters or data.
         """
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        state = torch.load(folder / STATE_FILE, weights_only=False)
-        if state["fingerprint"] != self.fingerprint():
-            raise ValueError(
-                f"resume state of a different run: {state['fingerprint']} != {self.fingerprint()}"
-            )
-        weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"), device=str(self.device))
-        set_peft_model_state_dict(self.model, weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = int(state["step"])
-        self.history = list(state["history"])
-        return int(state["epoch"]), int(state["batch_index"])
+        point = read_state(
+            folder,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            fingerprint=self.fingerprint(),
+            device=self.device,
+        )
+        self.step = point.step
+        self.history = point.history
+        return point.epoch, point.batch_index
 
 
 def _pad_id(model_path: Path) -> int:

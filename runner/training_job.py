@@ -1,8 +1,8 @@
 """The `train_job` queue function: one training attempt of a job, from lease to `succeeded`.
 
-The trainer runs in a thread (`asyncio.to_thread`) while an asyncio task renews the lease. `JobCallbacks` turns
-the trainer's hooks into job events, checkpoints and resume state, and reads cancel/pause from the job row
-between steps. Every exit path releases the lease; failures end in `failed` with an OpenAI error code.
+The trainer runs in a thread (`asyncio.to_thread`) while an asyncio task renews the lease; `runner.callbacks`
+turns the trainer's hooks into job events, checkpoints and resume state, and reads cancel/pause from the job row
+between steps. What to train comes from the job spec (`core.job_spec`). Every exit path releases the lease; failures end in `failed` with an OpenAI error code.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from core import drift_profile, metrics
-from core.hyperparameters import Hyperparameters
+from core.failures import JobFailure
 from core.ids import new_id, now
+from core.job_spec import JobSpec
 from core.job_status import IllegalTransition, JobStatus, add_event, transition
 from core.naming import fine_tuned_model_name
 from core.queue import publish_adapter_event
@@ -34,140 +33,11 @@ from core.storage import ArtifactStore
 from core.store_keys import state_key
 from core.tables import FileRow, JobEventRow, JobRow
 from runner import artifacts, lease
+from runner.callbacks import JobCallbacks
 from runner.datasets import DEFAULT_MAX_SEQ_LEN, Dataset, Tokenization, load_dataset
-from runner.trainer import StopReason, TrainCallbacks, TrainConfig, TrainResult, train
+from runner.trainer import TrainResult, train
 
 logger = logging.getLogger(__name__)
-
-STATUS_POLL_SECONDS = 0.5  # how often the training thread reads the job's status (cancel / pause)
-ESTIMATE_SECONDS = 5.0  # how often `estimated_finish` and `step` are written
-
-
-class TrainingFailed(Exception):
-    """The job fails with this OpenAI error code and message."""
-
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
-
-
-class JobCallbacks(TrainCallbacks):
-    """Trainer hooks of one job attempt (called from the training thread)."""
-
-    def __init__(self, *, engine: Engine, store: ArtifactStore, job: JobRow, owner: str, model_name: str,
-                 keep: int) -> None:  # fmt: skip
-        self.engine, self.store, self.job, self.owner = engine, store, job, owner
-        self.model_name, self.keep = model_name, keep
-        self.lost = False  # set when another worker took the lease
-        self.shutdown = False  # set when this worker is stopping
-        self.deleted_models: list[str] = []
-        self.started = time.monotonic()
-        self.first_step: int | None = None
-        self.last_poll = 0.0
-        self.last_estimate = 0.0
-        self.last_metrics: dict[str, Any] = {}
-
-    def on_start(self, *, total_steps: int, hyperparameters: Hyperparameters, step: int) -> None:
-        values = hyperparameters.as_dict()
-        method = dict(self.job.method or {"type": "supervised"})
-        kind = method.get("type", "supervised")
-        method[kind] = {**(method.get(kind) or {}), "hyperparameters": values}
-        _update_job(
-            self.engine,
-            self.job.id,
-            hyperparameters=values,
-            method=method,
-            total_steps=total_steps,
-            step=step,
-        )
-        self.first_step = step
-        if step:
-            add_event(
-                self.engine, self.job.id, f"Resuming from step {step}/{total_steps} (saved training state)"
-            )
-
-    def on_step(self, step: int, total_steps: int, values: dict[str, Any]) -> None:
-        self.last_metrics = values
-        data = {k: v for k, v in values.items() if k in _EVENT_METRICS}
-        data["total_steps"] = total_steps
-        add_event(
-            self.engine, self.job.id, _step_message(step, total_steps, values), type="metrics", data=data
-        )
-        _count_step(self.job.model, values)
-        if time.monotonic() - self.last_estimate >= ESTIMATE_SECONDS or step == total_steps:
-            self.last_estimate = time.monotonic()
-            _update_job(
-                self.engine, self.job.id, step=step, estimated_finish=self._estimate(step, total_steps)
-            )
-
-    def _estimate(self, step: int, total_steps: int) -> int:
-        done = max(1, step - (self.first_step or 0))
-        per_step = (time.monotonic() - self.started) / done
-        return int(now() + per_step * (total_steps - step))
-
-    def on_checkpoint(self, step: int, epoch: int, adapter_dir: Path) -> None:
-        if self.lost:
-            return
-        artifacts.save_checkpoint(self.engine, self.store, job=self.job, model_name=self.model_name, step=step,
-                                  adapter_dir=adapter_dir, metrics=self.last_metrics)  # fmt: skip
-        add_event(self.engine, self.job.id, f"Checkpoint created at step {step}")
-        metrics.CHECKPOINTS_WRITTEN.labels(base_model=self.job.model).inc()
-        self.deleted_models += artifacts.prune_checkpoints(
-            self.engine, self.store, job_id=self.job.id, keep=self.keep
-        )
-
-    def on_resume_state(self, step: int, state_dir: Path) -> None:
-        if not self.lost:
-            self.store.put_dir(state_key(self.job.id), state_dir)
-
-    def should_stop(self) -> StopReason | None:
-        if self.shutdown:
-            return "pause"
-        if self.lost:
-            return "cancel"
-        if time.monotonic() - self.last_poll < STATUS_POLL_SECONDS:
-            return None
-        self.last_poll = time.monotonic()
-        status, owner = lease.owner_of(self.engine, self.job.id)
-        if owner != self.owner:
-            self.lost = True
-            return "cancel"
-        if status == JobStatus.paused:
-            return "pause"
-        if status == JobStatus.cancelled:
-            return "cancel"
-        return None
-
-
-_EVENT_METRICS = {
-    "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
-    "full_valid_loss", "full_valid_mean_token_accuracy", "tokens",
-}  # fmt: skip
-
-
-def _step_message(step: int, total_steps: int, values: dict[str, Any]) -> str:
-    text = f"Step {step}/{total_steps}: training loss={values['train_loss']:.2f}"
-    if values.get("valid_loss") is not None:
-        text += f", validation loss={values['valid_loss']:.2f}"
-    if values.get("full_valid_loss") is not None:
-        text += f", full validation loss={values['full_valid_loss']:.2f}"
-    return text
-
-
-def _count_step(base_model: str, values: dict[str, Any]) -> None:
-    metrics.TRAIN_STEPS.labels(base_model=base_model).inc()
-    metrics.TRAIN_TOKENS.labels(base_model=base_model).inc(values["tokens"])
-    metrics.TRAIN_STEP_SECONDS.labels(base_model=base_model).observe(values["seconds"])
-    metrics.TRAIN_LOSS.labels(base_model=base_model).set(values["train_loss"])
-    metrics.TRAIN_TOKENS_PER_SECOND.labels(base_model=base_model).set(
-        values["tokens"] / max(1e-9, values["seconds"])
-    )
-
-
-def _update_job(engine: Engine, job_id: str, **values: Any) -> None:
-    with Session(engine) as session:
-        session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))  # type: ignore[arg-type]
-        session.commit()
 
 
 def new_owner() -> str:
@@ -204,14 +74,14 @@ async def _attempt(ctx: dict[str, Any], job: JobRow, owner: str) -> str:
         message = (
             f"Training was interrupted {job.attempts - 1} times (the limit is {settings.job_max_attempts})"
         )
-        return _fail(engine, job, TrainingFailed("too_many_attempts", message))
+        return _fail(engine, job, JobFailure("too_many_attempts", message))
     if not _start(engine, job):
         return "skipped"
     heartbeat = asyncio.create_task(_heartbeat(engine, job.id, owner, settings.lease_seconds, ctx))
     metrics.WORKERS_BUSY.inc()
     try:
         return await _train_and_finish(ctx, job, owner)
-    except TrainingFailed as exc:
+    except JobFailure as exc:
         return _fail(engine, job, exc)
     except Exception as exc:  # noqa: BLE001  every other error fails the job with its message, not a hang
         logger.exception("job %s: training failed", job.id)
@@ -247,20 +117,19 @@ def _last_event_time(engine: Engine, job_id: str) -> int | None:
     return None if event is None else event.created_at
 
 
-def _classify(exc: Exception) -> TrainingFailed:
+def _classify(exc: Exception) -> JobFailure:
     import torch
 
     text = str(exc) or type(exc).__name__
     if isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in text.lower():
-        return TrainingFailed("out_of_memory", f"Training ran out of memory: {text[:300]}")
-    return TrainingFailed("training_failed", f"Training failed: {type(exc).__name__}: {text[:500]}")
+        return JobFailure("out_of_memory", f"Training ran out of memory: {text[:300]}")
+    return JobFailure("training_failed", f"Training failed: {type(exc).__name__}: {text[:500]}")
 
 
-def _fail(engine: Engine, job: JobRow, exc: TrainingFailed) -> str:
-    error = {"code": exc.code, "message": exc.message, "param": exc.param}
+def _fail(engine: Engine, job: JobRow, exc: JobFailure) -> str:
     try:
         transition(engine, job.id, JobStatus.failed, message=exc.message, level="error",
-                   expect={JobStatus.queued, JobStatus.running}, error=error, estimated_finish=None)  # fmt: skip
+                   expect={JobStatus.queued, JobStatus.running}, error=exc.as_error(), estimated_finish=None)  # fmt: skip
     except IllegalTransition:
         logger.info("job %s: not failed (%s): it moved on already", job.id, exc.code)
     return "failed"
@@ -286,7 +155,8 @@ async def _train_and_finish(ctx: dict[str, Any], job: JobRow, owner: str) -> str
     model_name = fine_tuned_model_name(
         base_model=job.model, project=project, suffix=job.suffix, job_id=job.id
     )
-    callbacks = JobCallbacks(engine=engine, store=store, job=job, owner=owner, model_name=model_name,
+    spec = JobSpec.from_row(job)
+    callbacks = JobCallbacks(engine=engine, store=store, job=job, spec=spec, owner=owner, model_name=model_name,
                              keep=settings.checkpoints_keep)  # fmt: skip
     ctx.setdefault("callbacks", {})[job.id] = callbacks
     work = Path(tempfile.mkdtemp(dir=_work_root(settings), prefix=f"{job.id}-"))
@@ -328,7 +198,7 @@ def _run(
     try:
         base = ensure_prepared(settings, job.model)
     except UnknownModel as exc:
-        raise TrainingFailed(
+        raise JobFailure(
             "unsupported_model", f"Model {job.model} is not available for fine-tuning", "model"
         ) from exc
     tokenizer = AutoTokenizer.from_pretrained(base.path)
@@ -340,7 +210,8 @@ def _run(
         else None
     )
     resume = _fetch_state(store, job.id, work)
-    config = _config(settings, job, base.path, work)
+    config = callbacks.spec.train_config(settings=settings, model_path=base.path, output_dir=work / "run",
+                                         base_model_name=job.model)  # fmt: skip
     result = train(config, train_set, valid_set, callbacks=callbacks, resume=resume)
     evaluation = None
     if result.model is not None and valid_set is not None and len(valid_set):
@@ -371,7 +242,7 @@ def _load(
         row = session.exec(select(FileRow).where(FileRow.id == file_id)).first()
     if row is None or row.deleted:
         param = "training_file" if file_id == job.training_file else "validation_file"
-        raise TrainingFailed(f"invalid_{param}", f"File {file_id} no longer exists", param)
+        raise JobFailure(f"invalid_{param}", f"File {file_id} no longer exists", param)
     with store.open(row.storage_key) as handle:
         dataset = load_dataset(handle, tokenization)
     if dataset.truncated:
@@ -390,39 +261,6 @@ def _fetch_state(store: ArtifactStore, job_id: str, work: Path) -> Path | None:
     local = work / "resume"
     shutil.copytree(store.path(key), local)
     return local
-
-
-def _config(settings: Settings, job: JobRow, model_path: Path, work: Path) -> TrainConfig:
-    asked = _asked_hyperparameters(job)
-    lora = job.lora or {}
-    return TrainConfig(
-        model_path=model_path,
-        output_dir=work / "run",
-        base_model_name=job.model,
-        n_epochs=asked.get("n_epochs", "auto"),
-        batch_size=asked.get("batch_size", "auto"),
-        learning_rate_multiplier=asked.get("learning_rate_multiplier", "auto"),
-        lora_rank=int(lora.get("rank") or 16),
-        lora_alpha=int(lora.get("alpha") or 32),
-        lora_dropout=float(lora["dropout"]) if lora.get("dropout") is not None else 0.05,
-        target_modules=lora.get("target_modules") or None,
-        qlora=bool(lora.get("qlora", False)),
-        seed=job.seed,
-        device=settings.train_device,
-        threads=settings.train_threads,
-        resume_state_seconds=settings.resume_state_seconds,
-    )
-
-
-def _asked_hyperparameters(job: JobRow) -> dict[str, Any]:
-    method = job.method or {}
-    kind = method.get("type", "supervised")
-    if kind != "supervised":
-        raise TrainingFailed(
-            "unsupported_method", f"Method {kind!r} is not supported yet; use supervised", "method.type"
-        )
-    nested = (method.get(kind) or {}).get("hyperparameters") or {}
-    return {**(job.hyperparameters or {}), **nested}
 
 
 async def _outcome(

@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from core.failures import JobFailure
+from core.job_spec import JobSpec
 from core.job_status import IllegalTransition, JobStatus, add_event, transition
 from core.queue import TRAIN_JOB, enqueue
 from core.settings import Settings
@@ -22,12 +24,6 @@ from core.tables import FileRow, JobRow
 from runner.datasets import Tokenization
 
 logger = logging.getLogger(__name__)
-
-
-class JobInvalid(Exception):
-    def __init__(self, error: dict) -> None:
-        super().__init__(error["message"])
-        self.error = error
 
 
 async def validate_job(ctx: dict[str, Any], job_id: str) -> str:
@@ -44,8 +40,8 @@ async def validate_job(ctx: dict[str, Any], job_id: str) -> str:
         return "skipped"
     try:
         await asyncio.to_thread(_check, settings, engine, ctx["store"], job)
-    except JobInvalid as exc:
-        return _fail(engine, job_id, exc.error)
+    except JobFailure as exc:
+        return _fail(engine, job_id, exc)
     try:
         transition(engine, job_id, JobStatus.queued, message="Files validated, moving job to queued state",
                    expect=JobStatus.validating_files)  # fmt: skip
@@ -55,10 +51,10 @@ async def validate_job(ctx: dict[str, Any], job_id: str) -> str:
     return "queued"
 
 
-def _fail(engine: Engine, job_id: str, error: dict) -> str:
+def _fail(engine: Engine, job_id: str, failure: JobFailure) -> str:
     try:
-        transition(engine, job_id, JobStatus.failed, message=error["message"], level="error",
-                   expect=JobStatus.validating_files, error=error)  # fmt: skip
+        transition(engine, job_id, JobStatus.failed, message=failure.message, level="error",
+                   expect=JobStatus.validating_files, error=failure.as_error())  # fmt: skip
     except IllegalTransition:
         return "skipped"
     return "failed"
@@ -74,11 +70,8 @@ def _check(settings: Settings, engine: Engine, store: ArtifactStore, job: JobRow
         base = ensure_prepared(settings, job.model)
     except (UnknownModel, FileNotFoundError) as exc:
         message = f"Model {job.model} is not available for fine-tuning"
-        raise JobInvalid({"code": "unsupported_model", "message": message, "param": "model"}) from exc
-    kind = (job.method or {}).get("type", "supervised")
-    if kind != "supervised":
-        message = f"Method {kind!r} is not supported yet; use supervised"
-        raise JobInvalid({"code": "unsupported_method", "message": message, "param": "method.type"})
+        raise JobFailure("unsupported_model", message, "model") from exc
+    JobSpec.from_row(job)  # a method this worker cannot train fails now, not after the files were read
     tokenization = Tokenization(AutoTokenizer.from_pretrained(base.path))
     files = [("training_file", job.training_file, settings.min_examples)]
     if job.validation_file:
@@ -86,19 +79,17 @@ def _check(settings: Settings, engine: Engine, store: ArtifactStore, job: JobRow
     for param, file_id, minimum in files:
         row = _file(engine, file_id, job.project_id)
         if row is None:
-            raise JobInvalid(
-                {"code": f"invalid_{param}", "message": f"File {file_id} does not exist", "param": param}
-            )
+            raise JobFailure(f"invalid_{param}", f"File {file_id} does not exist", param)
         with store.open(row.storage_key) as handle:
             report = validate_jsonl(
                 handle, count_tokens=tokenization.count_tokens, max_tokens=tokenization.max_seq_len
             )
         error = report.job_error(param=param, min_examples=minimum)
-        if error is None and report.format == "preference":
-            message = "Preference (DPO) files cannot be trained yet; use chat or prompt/completion examples"
-            error = {"code": f"invalid_{param}", "message": message, "param": param}
         if error is not None:
-            raise JobInvalid(error)
+            raise JobFailure.from_error(error)
+        if report.format == "preference":
+            message = "Preference (DPO) files cannot be trained yet; use chat or prompt/completion examples"
+            raise JobFailure(f"invalid_{param}", message, param)
         if report.too_long:
             add_event(engine, job.id, f"{report.too_long} example(s) of {file_id} exceed {tokenization.max_seq_len} "
                       "tokens and will be truncated", level="warn")  # fmt: skip

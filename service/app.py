@@ -33,7 +33,7 @@ from core.settings import Settings
 from core.storage import ArtifactStore
 from core.tables import JobRow
 from service.deps import connect_redis
-from service.errors import APIError
+from service.errors import APIError, envelope
 
 logger = logging.getLogger(__name__)
 
@@ -127,17 +127,7 @@ class RequestContextMiddleware:
             logger.exception("request %s: %s %s failed", request_id, scope["method"], scope["path"])
             if status[0]:
                 raise
-            response = JSONResponse(
-                {
-                    "error": {
-                        "message": "Internal server error",
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                },
-                status_code=500,
-            )
+            response = JSONResponse(envelope("Internal server error", type="server_error"), status_code=500)
             await response(scope, receive, send_with_id)
         finally:
             metrics.HTTP_IN_FLIGHT.dec()
@@ -159,12 +149,6 @@ def _observe(scope: Scope, status: int, seconds: float) -> None:
 
 
 # --- error rendering ---------------------------------------------------------------------------------------
-def _envelope(
-    message: str, *, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     if exc.status_code >= 500:
         logger.warning("request %s: %s", request.state.request_id, exc.message)
@@ -185,7 +169,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         message = f"Unrecognized request argument supplied: {param}"
     elif param:
         message = f"Invalid value for '{param}': {message}"
-    body = _envelope(message, type="invalid_request_error", param=param, code="invalid_request")
+    body = envelope(message, type="invalid_request_error", param=param, code="invalid_request")
     return JSONResponse(body, status_code=400)
 
 
@@ -202,7 +186,7 @@ def field_path(loc: Any) -> str | None:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = {404: f"Unknown request URL: {request.method} {request.url.path}", 405: "Method not allowed"}
-    body = _envelope(
+    body = envelope(
         message.get(exc.status_code, str(exc.detail)),
         type=_HTTP_TYPES.get(exc.status_code, "invalid_request_error"),
     )

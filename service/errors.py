@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.protocol import ErrorInfo, ErrorResponse
+
+
+def envelope(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body `{"error": {"message", "type", "param", "code"}}`: the only place it is built."""
+    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
+
 
 class APIError(Exception):
     status_code = 500
@@ -30,7 +37,7 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return envelope(self.message, type=self.type, param=self.param, code=self.code)
 
 
 class InvalidRequest(APIError):

@@ -26,8 +26,8 @@ from core.storage import ArtifactStore
 from core.store_keys import file_key
 from core.tables import FileRow, JobRow
 from core.training_files import read_lines, validate_jsonl
-from service import idempotency
-from service.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge, not_found
+from service import idempotency, pagination
+from service.errors import APIError, InvalidRequest, PayloadTooLarge, not_found
 from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
 
 logger = logging.getLogger(__name__)
@@ -298,22 +298,19 @@ def list_files(
     statement = select(FileRow).where(*visible(project_id))
     if purpose is not None:
         statement = statement.where(FileRow.purpose == purpose)
-    if after is not None:
-        try:
-            cursor = get_row(session=session, project_id=project_id, file_id=after, param="after")
-        except NotFound:
-            raise InvalidRequest(f"Invalid cursor `after`: no file {after}.", param="after") from None
-        statement = statement.where(
-            col(FileRow.pk) < cursor.pk if order == "desc" else col(FileRow.pk) > cursor.pk
-        )
-    ordering = col(FileRow.pk).desc() if order == "desc" else col(FileRow.pk).asc()
-    rows = list(session.exec(statement.order_by(ordering).limit(limit + 1)).all())
-    data = [to_openai(row) for row in rows[:limit]]
+    after_pk = (
+        None
+        if after is None
+        else pagination.cursor(session, FileRow, *visible(project_id), after=after, kind="file")
+    )
+    rows, has_more = pagination.page(session, statement, FileRow, after_pk=after_pk, limit=limit,
+                                     descending=order == "desc")  # fmt: skip
+    data = [to_openai(row) for row in rows]
     return FileList(
         data=data,
         first_id=data[0].id if data else None,
         last_id=data[-1].id if data else None,
-        has_more=len(rows) > limit,
+        has_more=has_more,
     )
 
 

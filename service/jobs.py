@@ -24,8 +24,8 @@ from core.job_spec import HYPERPARAMETER_KEYS, JobSpec
 from core.job_status import TERMINAL, IllegalTransition, JobStatus, transition
 from core.settings import Settings
 from core.tables import CheckpointRow, FileRow, JobEventRow, JobRow, Project
-from service import files, idempotency
-from service.errors import InvalidRequest, NotFound, not_found
+from service import files, idempotency, pagination
+from service.errors import InvalidRequest, not_found
 from service.protocol import (
     FineTuningJob,
     FineTuningJobCheckpoint,
@@ -278,18 +278,13 @@ def list_jobs(
         statement = statement.where(
             func.coalesce(cast(col(JobRow.metadata_), String), "null").in_(["null", "{}"])
         )
-    if after is not None:
-        cursor = _cursor(session, project_id, after)
-        statement = statement.where(col(JobRow.pk) < cursor)
-    rows = list(session.exec(statement.order_by(col(JobRow.pk).desc()).limit(limit + 1)).all())
-    return FineTuningJobList(data=[to_openai(r) for r in rows[:limit]], has_more=len(rows) > limit)
-
-
-def _cursor(session: Session, project_id: str, job_id: str) -> int:
-    try:
-        return int(get_row(session=session, project_id=project_id, job_id=job_id, param="after").pk or 0)
-    except NotFound:
-        raise InvalidRequest(f"Invalid cursor `after`: no job {job_id}.", param="after") from None
+    after_pk = (
+        None
+        if after is None
+        else pagination.cursor(session, JobRow, JobRow.project_id == project_id, after=after, kind="job")
+    )
+    rows, has_more = pagination.page(session, statement, JobRow, after_pk=after_pk, limit=limit)
+    return FineTuningJobList(data=[to_openai(r) for r in rows], has_more=has_more)
 
 
 def list_events(
@@ -297,16 +292,17 @@ def list_events(
 ) -> FineTuningJobEventList:
     """A job's events, newest first, after event `after`."""
     get_row(session=session, project_id=project_id, job_id=job_id)
-    statement = select(JobEventRow).where(JobEventRow.job_id == job_id)
-    if after is not None:
-        cursor = session.exec(
-            select(JobEventRow.pk).where(JobEventRow.job_id == job_id, JobEventRow.id == after)
-        ).first()
-        if cursor is None:
-            raise InvalidRequest(f"Invalid cursor `after`: no event {after} in job {job_id}.", param="after")
-        statement = statement.where(col(JobEventRow.pk) < cursor)
-    rows = list(session.exec(statement.order_by(col(JobEventRow.pk).desc()).limit(limit + 1)).all())
-    return FineTuningJobEventList(data=[event_to_openai(r) for r in rows[:limit]], has_more=len(rows) > limit)
+    scope = JobEventRow.job_id == job_id
+    after_pk = (
+        None
+        if after is None
+        else pagination.cursor(
+            session, JobEventRow, scope, after=after, kind="event", within=f" in job {job_id}"
+        )
+    )
+    rows, has_more = pagination.page(session, select(JobEventRow).where(scope), JobEventRow, after_pk=after_pk,
+                                     limit=limit)  # fmt: skip
+    return FineTuningJobEventList(data=[event_to_openai(r) for r in rows], has_more=has_more)
 
 
 def list_checkpoints(
@@ -317,22 +313,25 @@ def list_checkpoints(
     statement = select(CheckpointRow).where(
         CheckpointRow.job_id == job_id, col(CheckpointRow.deleted).is_(False)
     )
-    if after is not None:
-        cursor = session.exec(
-            select(CheckpointRow.pk).where(CheckpointRow.job_id == job_id, CheckpointRow.id == after)
-        ).first()
-        if cursor is None:
-            raise InvalidRequest(
-                f"Invalid cursor `after`: no checkpoint {after} in job {job_id}.", param="after"
-            )
-        statement = statement.where(col(CheckpointRow.pk) < cursor)
-    rows = list(session.exec(statement.order_by(col(CheckpointRow.pk).desc()).limit(limit + 1)).all())
-    data = [checkpoint_to_openai(r) for r in rows[:limit]]
+    after_pk = (
+        None
+        if after is None
+        else pagination.cursor(
+            session,
+            CheckpointRow,
+            CheckpointRow.job_id == job_id,
+            after=after,
+            kind="checkpoint",
+            within=f" in job {job_id}",
+        )
+    )
+    rows, has_more = pagination.page(session, statement, CheckpointRow, after_pk=after_pk, limit=limit)
+    data = [checkpoint_to_openai(r) for r in rows]
     return FineTuningJobCheckpointList(
         data=data,
         first_id=data[0].id if data else None,
         last_id=data[-1].id if data else None,
-        has_more=len(rows) > limit,
+        has_more=has_more,
     )
 
 

@@ -16,6 +16,7 @@ from core.ids import new_id
 from core.queue import VALIDATE_JOB, connect, enqueue
 from core.settings import Settings
 from core.storage import ArtifactStore
+from core.store_keys import file_key
 from core.tables import FileRow, JobEventRow, JobRow, Project
 from runner.worker import worker_settings
 
@@ -33,9 +34,9 @@ class Factory:
 
     def file(self, data: bytes, *, purpose: str = "fine-tune") -> str:
         file_id = new_id("file-")
-        self.store.write_bytes(f"files/{file_id}", data)
+        self.store.write_bytes(file_key(file_id), data)
         row = FileRow(id=file_id, project_id=self.project.id, bytes=len(data), filename="train.jsonl",
-                      purpose=purpose, status="processed", storage_key=f"files/{file_id}")  # fmt: skip
+                      purpose=purpose, status="processed", storage_key=file_key(file_id))  # fmt: skip
         with Session(self.engine) as session:
             session.add(row)
             session.commit()

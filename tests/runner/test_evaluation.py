@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from core.train_config import TrainConfig
 from runner.datasets import Tokenization, load_dataset
 from runner.evaluation import char_error_rate, evaluate, label_metrics
-from runner.trainer import TrainConfig, train
+from runner.trainer import train
 from tests.runner.data import chat_lines
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from core.settings import SMOLLM2
+from core.train_config import TrainConfig
 from runner.datasets import Tokenization, load_dataset
-from runner.trainer import TrainConfig, train
+from runner.trainer import train
 from tests.runner.data import ANSWER, chat_lines
 
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from core.train_config import TrainConfig
 from runner.datasets import Dataset, Tokenization, load_dataset
-from runner.trainer import TrainCallbacks, TrainConfig, train
+from runner.trainer import TrainCallbacks, train
 from tests.runner.data import chat_lines
 
 TINY_DIR = "tuneworks--tiny-random-llama"

@@ -62,8 +62,9 @@ def _train(base_path: Path, answer: str, out: Path, *, seed: int) -> None:
     from transformers import AutoTokenizer
 
     from core.settings import SMOLLM2
+    from core.train_config import TrainConfig
     from runner.datasets import Tokenization, load_dataset
-    from runner.trainer import TrainConfig, train
+    from runner.trainer import train
 
     lines = [
         json.dumps(

@@ -1,0 +1,139 @@
+"""The trainer's hooks for one job attempt: steps become metrics events and Prometheus samples, epoch ends become
+checkpoints, resume state goes to the store, and cancel/pause/lease loss are read from the job row between steps.
+
+Called from the training thread; every database write here is a short transaction of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from core import metrics
+from core.hyperparameters import Hyperparameters
+from core.ids import now
+from core.job_spec import JobSpec
+from core.job_status import JobStatus, add_event
+from core.storage import ArtifactStore
+from core.store_keys import state_key
+from core.tables import JobRow
+from runner import artifacts, lease
+from runner.trainer import StopReason, TrainCallbacks
+
+STATUS_POLL_SECONDS = 0.5  # how often the training thread reads the job's status (cancel / pause)
+ESTIMATE_SECONDS = 5.0  # how often `estimated_finish` and `step` are written
+EVENT_METRICS = frozenset({
+    "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+    "full_valid_loss", "full_valid_mean_token_accuracy", "tokens",
+})  # fmt: skip
+
+
+class JobCallbacks(TrainCallbacks):
+    """Trainer hooks of one job attempt (called from the training thread)."""
+
+    def __init__(self, *, engine: Engine, store: ArtifactStore, job: JobRow, spec: JobSpec, owner: str,
+                 model_name: str, keep: int) -> None:  # fmt: skip
+        self.engine, self.store, self.job, self.spec, self.owner = engine, store, job, spec, owner
+        self.model_name, self.keep = model_name, keep
+        self.lost = False  # set when another worker took the lease
+        self.shutdown = False  # set when this worker is stopping
+        self.deleted_models: list[str] = []
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self.last_poll = 0.0
+        self.last_estimate = 0.0
+        self.last_metrics: dict[str, Any] = {}
+
+    def on_start(self, *, total_steps: int, hyperparameters: Hyperparameters, step: int) -> None:
+        update_job(self.engine, self.job.id, **self.spec.resolved_columns(hyperparameters),
+                   total_steps=total_steps, step=step)  # fmt: skip
+        self.first_step = step
+        if step:
+            add_event(
+                self.engine, self.job.id, f"Resuming from step {step}/{total_steps} (saved training state)"
+            )
+
+    def on_step(self, step: int, total_steps: int, values: dict[str, Any]) -> None:
+        self.last_metrics = values
+        data = {k: v for k, v in values.items() if k in EVENT_METRICS}
+        data["total_steps"] = total_steps
+        add_event(
+            self.engine, self.job.id, step_message(step, total_steps, values), type="metrics", data=data
+        )
+        count_step(self.job.model, values)
+        if time.monotonic() - self.last_estimate >= ESTIMATE_SECONDS or step == total_steps:
+            self.last_estimate = time.monotonic()
+            update_job(
+                self.engine, self.job.id, step=step, estimated_finish=self._estimate(step, total_steps)
+            )
+
+    def _estimate(self, step: int, total_steps: int) -> int:
+        done = max(1, step - (self.first_step or 0))
+        per_step = (time.monotonic() - self.started) / done
+        return int(now() + per_step * (total_steps - step))
+
+    def on_checkpoint(self, step: int, epoch: int, adapter_dir: Path) -> None:
+        if self.lost:
+            return
+        artifacts.save_checkpoint(self.engine, self.store, job=self.job, model_name=self.model_name, step=step,
+                                  adapter_dir=adapter_dir, metrics=self.last_metrics)  # fmt: skip
+        add_event(self.engine, self.job.id, f"Checkpoint created at step {step}")
+        metrics.CHECKPOINTS_WRITTEN.labels(base_model=self.job.model).inc()
+        self.deleted_models += artifacts.prune_checkpoints(
+            self.engine, self.store, job_id=self.job.id, keep=self.keep
+        )
+
+    def on_resume_state(self, step: int, state_dir: Path) -> None:
+        if not self.lost:
+            self.store.put_dir(state_key(self.job.id), state_dir)
+
+    def should_stop(self) -> StopReason | None:
+        if self.shutdown:
+            return "pause"
+        if self.lost:
+            return "cancel"
+        if time.monotonic() - self.last_poll < STATUS_POLL_SECONDS:
+            return None
+        self.last_poll = time.monotonic()
+        status, owner = lease.owner_of(self.engine, self.job.id)
+        if owner != self.owner:
+            self.lost = True
+            return "cancel"
+        if status == JobStatus.paused:
+            return "pause"
+        if status == JobStatus.cancelled:
+            return "cancel"
+        return None
+
+
+def step_message(step: int, total_steps: int, values: dict[str, Any]) -> str:
+    """The text of a step's metrics event, as OpenAI writes it."""
+    text = f"Step {step}/{total_steps}: training loss={values['train_loss']:.2f}"
+    if values.get("valid_loss") is not None:
+        text += f", validation loss={values['valid_loss']:.2f}"
+    if values.get("full_valid_loss") is not None:
+        text += f", full validation loss={values['full_valid_loss']:.2f}"
+    return text
+
+
+def count_step(base_model: str, values: dict[str, Any]) -> None:
+    """The Prometheus samples of one optimizer step."""
+    metrics.TRAIN_STEPS.labels(base_model=base_model).inc()
+    metrics.TRAIN_TOKENS.labels(base_model=base_model).inc(values["tokens"])
+    metrics.TRAIN_STEP_SECONDS.labels(base_model=base_model).observe(values["seconds"])
+    metrics.TRAIN_LOSS.labels(base_model=base_model).set(values["train_loss"])
+    metrics.TRAIN_TOKENS_PER_SECOND.labels(base_model=base_model).set(
+        values["tokens"] / max(1e-9, values["seconds"])
+    )
+
+
+def update_job(engine: Engine, job_id: str, **values: Any) -> None:
+    """Set columns of a job that are not its status (progress, resolved hyperparameters)."""
+    with Session(engine) as session:
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))  # type: ignore[arg-type]
+        session.commit()
