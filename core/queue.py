@@ -77,8 +77,11 @@ def redis_settings(url: str) -> RedisSettings:
     return RedisSettings.from_dsn(url)
 
 
-async def connect(url: str) -> ArqRedis:
-    return await create_pool(redis_settings(url))
+async def connect(url: str, *, settings: RedisSettings | None = None) -> ArqRedis:
+    """An arq pool that speaks the JSON job format (`job_serializer`), never pickle."""
+    return await create_pool(
+        settings or redis_settings(url), job_serializer=job_serializer, job_deserializer=job_deserializer
+    )
 
 
 async def enqueue(engine: Engine, redis: ArqRedis, *, function: str, job_id: str, queue_name: str) -> str:

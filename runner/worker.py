@@ -15,7 +15,7 @@ from typing import Any
 from arq.worker import Worker, func
 
 from core.db import init_db, make_engine
-from core.queue import TRAIN_JOB, VALIDATE_JOB, redis_settings
+from core.queue import TRAIN_JOB, VALIDATE_JOB, job_deserializer, job_serializer, redis_settings
 from core.settings import Settings
 from core.storage import ArtifactStore
 from runner.reconciler import reconcile, run_periodically
@@ -70,6 +70,8 @@ def worker_settings(settings: Settings, *, burst: bool = False) -> dict[str, Any
         ],
         "queue_name": settings.queue_name,
         "redis_settings": redis_settings(settings.resolved_redis_url),
+        "job_serializer": job_serializer,  # JSON: a job from Redis is data, never code (no pickle)
+        "job_deserializer": job_deserializer,
         "on_startup": on_startup,
         "on_shutdown": on_shutdown,
         "max_jobs": settings.worker_concurrency,

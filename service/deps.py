@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Annotated
 
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 from fastapi import Depends, Header, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -51,7 +51,7 @@ async def connect_redis(settings: Settings) -> ArqRedis | None:
         queue.redis_settings(settings.resolved_redis_url), conn_retries=0, conn_timeout=2
     )
     try:
-        return await create_pool(redis_settings)
+        return await queue.connect(settings.resolved_redis_url, settings=redis_settings)
     except Exception as exc:  # redis-py raises its own ConnectionError, not a subclass of OSError
         logger.warning("redis %s: not reachable (%s); will retry", settings.resolved_redis_url, exc)
         return None
