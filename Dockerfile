@@ -4,9 +4,9 @@
 #   docker build --target worker -t tuneworks-worker .   # arq worker: CUDA torch + transformers + peft (+ QLoRA)
 #   docker build --target serve  -t tuneworks-serve .    # vLLM supervisor: the CUDA `vllm` package
 # Every setting is an FT_* environment variable (see `tuneworks --help`); the defaults below suit a container:
-# listen on all interfaces, state under /var/lib/tuneworks (mount the shared artifacts volume at
-# /var/lib/tuneworks/artifacts). torch and vllm wheels for Linux x86_64 on PyPI are the CUDA builds and carry
-# their CUDA runtime libraries; a GPU node only needs the NVIDIA driver and container toolkit.
+# listen on all interfaces (metrics servers too), state under /var/lib/tuneworks (mount the shared artifacts
+# volume at /var/lib/tuneworks/artifacts). torch and vllm wheels for Linux x86_64 on PyPI are the CUDA builds and
+# carry their CUDA runtime libraries; a GPU node only needs the NVIDIA driver and container toolkit.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -21,6 +21,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FT_HOME=/var/lib/tuneworks \
     FT_API_HOST=0.0.0.0 \
     FT_API_PORT=8000 \
+    FT_API_METRICS_PORT=9100 \
+    FT_METRICS_HOST=0.0.0.0 \
     FT_VLLM_HOST=0.0.0.0 \
     FT_WORKER_METRICS_PORT=9101 \
     FT_SERVE_METRICS_PORT=9102 \
@@ -44,7 +46,8 @@ FROM base AS api
 RUN pip install ".[postgres]"
 WORKDIR /var/lib/tuneworks
 USER 10001:10001
-EXPOSE 8000
+# The API on 8000; its Prometheus /metrics on 9100, apart, so only the API port need be published.
+EXPOSE 8000 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('FT_API_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["tuneworks"]

@@ -3,6 +3,10 @@
 Children: Redis (only when FT_REDIS_URL is unset; its data lives in FT_HOME/redis), the API, one worker and the
 inference supervisor (`tuneworks serve`, which runs vLLM). Each child gets its own process group; a child that
 dies is restarted with backoff; Ctrl-C or SIGTERM stops every child's group cleanly.
+
+Nothing listens unauthenticated, even on 127.0.0.1 (other local users reach loopback too): our Redis requires a
+password and vLLM a key, each generated once into FT_HOME (mode 0600) and kept across restarts. The password
+reaches redis-server in a 0600 config file, never on its command line, and the children in their environment.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,6 +27,8 @@ from pathlib import Path
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+STABLE_SECONDS = 10.0  # a child that lived this long is not crash-looping: restart it without backoff
 
 
 @dataclass
@@ -66,6 +73,46 @@ def _port_free(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) != 0
 
 
+def _private_dir(path: Path) -> Path:
+    """`path` as a folder only its owner can enter (FT_HOME itself may be readable by others)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` with mode 0600, also when an older file there had a wider mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        # Before the secret is written: O_CREAT's mode applies only to a new file.
+        os.fchmod(file.fileno(), 0o600)
+        file.write(text)
+
+
+def kept_secret(path: Path) -> str:
+    """A random token kept in `path` (mode 0600): made on the first call, read back on every later one.
+
+    Args:
+        path: the file; its folder must exist.
+
+    Returns:
+        The token; a new one is 43 URL-safe characters, fit for a URL's user-info or a config file as is.
+    """
+    if path.exists():
+        path.chmod(0o600)
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    _write_private(path, token + "\n")
+    return token
+
+
+def _redis_quote(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
 def _redis_child(settings: Settings, logs: Path) -> tuple[Child, str]:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -73,25 +120,48 @@ def _redis_child(settings: Settings, logs: Path) -> tuple[Child, str]:
     port = 6390
     while not _port_free("127.0.0.1", port):
         port += 1
-    data = settings.home_dir / "redis"
-    data.mkdir(exist_ok=True)
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--appendonly", "yes"]
-    return Child("redis", argv, dict(os.environ), logs / "redis.log"), f"redis://127.0.0.1:{port}/0"
+    data = _private_dir(settings.home_dir / "redis")
+    password = kept_secret(data / "password")
+    config = data / "redis.conf"
+    lines = [
+        f"port {port}",
+        "bind 127.0.0.1",
+        f"dir {_redis_quote(str(data))}",
+        "appendonly yes",
+        f"requirepass {_redis_quote(password)}",
+    ]
+    _write_private(config, "\n".join(lines) + "\n")
+    child = Child("redis", [binary, str(config)], dict(os.environ), logs / "redis.log")
+    return child, f"redis://:{password}@127.0.0.1:{port}/0"
 
 
 def plan(settings: Settings) -> list[Child]:
-    """The children `up` runs, in start order, with the environment each one gets."""
-    logs = settings.home_dir / "logs"
-    logs.mkdir(exist_ok=True)
+    """The children `up` runs, in start order, with the argv and environment each one gets.
+
+    Args:
+        settings: `up`'s settings; without `redis_url` the plan starts its own Redis, without `vllm_api_key`
+            it generates a key into FT_HOME/vllm_api_key.
+
+    Returns:
+        Redis (when planned), then the API, the worker and the inference supervisor. Only the API and the
+        inference supervisor get the vLLM key: the worker never talks to vLLM.
+    """
+    # The API may log its Redis URL, password included: the logs are the owner's only.
+    logs = _private_dir(settings.home_dir / "logs")
     children: list[Child] = []
     env = {**os.environ, "FT_HOME": str(settings.home_dir)}
+    env.pop("FT_VLLM_API_KEY", None)
     if settings.redis_url is None:
-        redis, url = _redis_child(settings, logs)
+        redis, env["FT_REDIS_URL"] = _redis_child(settings, logs)
         children.append(redis)
-        env["FT_REDIS_URL"] = url
+    else:
+        env["FT_REDIS_URL"] = settings.redis_url
+    vllm_key = settings.vllm_api_key or kept_secret(settings.home_dir / "vllm_api_key")
     exe = [sys.executable, "-m", "tuneworks.cli"]
     for name in ("api", "worker", "serve"):
         child_env = dict(env)
+        if name in ("api", "serve"):
+            child_env["FT_VLLM_API_KEY"] = vllm_key
         if name == "worker" and "FT_TRAIN_THREADS" not in os.environ:
             # The worker shares the CPU with vLLM here: torch with every core's worth of threads spins against
             # vLLM's OpenMP threads and runs several times slower than with half of them.
@@ -136,7 +206,9 @@ def _supervise(children: list[Child]) -> None:
             continue
         code = child.proc.returncode
         uptime = now - child.started_at
-        child.restarts = 0 if uptime > 60 else child.restarts + 1
+        # Backoff only for a crash loop: a child that ran for a while did work, and its death (a kill, an OOM)
+        # is restarted at once; the fault drill kills the worker every few seconds and expects that.
+        child.restarts = 0 if uptime > STABLE_SECONDS else child.restarts + 1
         delay = min(60.0, 2.0**child.restarts)
         logger.warning(
             "%s: exited with %s after %.0f s; restarting in %.0f s", child.name, code, uptime, delay

