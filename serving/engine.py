@@ -134,6 +134,8 @@ class VllmServer:
             TMPDIR=str(home / "tmp"),
             HF_HUB_OFFLINE="1",
         )
+        if self.settings.vllm_api_key:  # in the environment, not on the command line that `ps` shows
+            env["VLLM_API_KEY"] = self.settings.vllm_api_key
         if not self.cuda:
             env.update(
                 VLLM_CPU_KVCACHE_SPACE=str(self.settings.vllm_kv_cache_gib),

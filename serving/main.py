@@ -45,7 +45,7 @@ async def _serve(settings: Settings) -> int:
     store = ArtifactStore(settings.artifacts_dir)
     servers: list[VllmServer] = []
     tasks: list[asyncio.Task] = []
-    async with httpx.AsyncClient(timeout=60.0) as client:
+    async with httpx.AsyncClient(timeout=60.0, headers=settings.vllm_headers()) as client:
         for base in settings.base_model_ids:
             if settings.vllm_url(base) is None:
                 continue

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service import gateway
-from service.deps import EngineDep, ProjectDep, SettingsDep
+from service.deps import EngineDep, ProjectDep, SettingsDep, get_redis
 from service.errors import InvalidRequest
 
 router = APIRouter(tags=["inference"])
@@ -21,13 +21,25 @@ async def _json_body(request: Request) -> Any:
         raise InvalidRequest("The request body is not valid JSON.") from exc
 
 
+def _redis(request: Request) -> gateway.RedisGetter:
+    # Not a dependency: only an on-demand adapter load needs Redis, so a base-model request never waits for a
+    # reconnection attempt while Redis is down.
+    return lambda: get_redis(request)
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     request: Request, project: ProjectDep, settings: SettingsDep, engine: EngineDep
 ) -> JSONResponse | StreamingResponse:
     body = await _json_body(request)
     return await gateway.complete(
-        state=request.app.state, settings=settings, engine=engine, project=project, endpoint="chat", body=body
+        state=request.app.state,
+        settings=settings,
+        engine=engine,
+        project=project,
+        endpoint="chat",
+        body=body,
+        redis=_redis(request),
     )
 
 
@@ -43,4 +55,5 @@ async def completions(
         project=project,
         endpoint="completions",
         body=body,
+        redis=_redis(request),
     )

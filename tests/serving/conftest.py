@@ -1,8 +1,10 @@
 """One real `tuneworks serve` (vLLM on SmolLM2, `--max-loras 2`) for the whole serving session, plus helpers to
-register adapters as the worker would (a ModelRow and the PEFT folder in the artifact store) without a worker."""
+register adapters as the worker would (a ModelRow and the PEFT folder in the artifact store) without a worker,
+and a real `tuneworks api` that, as in Kubernetes, shares only the database and the artifact store with it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,7 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -20,7 +22,7 @@ from sqlmodel import Session, select
 from core.base_models import BaseModel
 from core.db import init_db, make_engine
 from core.naming import fine_tuned_model_name
-from core.queue import ADAPTER_CHANNEL
+from core.queue import ADAPTER_CHANNEL, AdapterEvent, LoadReply, request_load
 from core.settings import SMOLLM2, Settings
 from core.storage import ArtifactStore
 from core.tables import ModelRow, Project
@@ -63,6 +65,10 @@ def serve_settings(serve_home: Path, redis_url: str) -> Settings:
         vllm_max_model_len=1024,
         serve_metrics_port=free_port(),
         vllm_start_timeout=300.0,
+        # float32: the base-answer regression compares greedy texts exactly, and in bf16 (this CPU's `auto`)
+        # a base answer can change with the batch it shares, though no adapter weight touches it.
+        vllm_dtype="float32",
+        vllm_api_key="tuneworks-test-vllm-key",
     )
 
 
@@ -72,6 +78,7 @@ class Serve:
     def __init__(self, settings: Settings, log: Path) -> None:
         self.settings = settings
         self.url = settings.vllm_url(SMOLLM2) or ""
+        self.headers = settings.vllm_headers()  # vLLM requires the key, as in production
         self.port = int(self.url.rsplit(":", 1)[1])
         self.engine = make_engine(settings.resolved_database_url)
         init_db(self.engine)
@@ -124,11 +131,36 @@ class Serve:
             session.add(stored)
             session.commit()
 
-    def publish(self, event: str, model: str) -> None:
-        self.redis.publish(ADAPTER_CHANNEL, json.dumps({"event": event, "model": model}))
+    def publish(self, event: Literal["ready", "deleted"], model: str) -> None:
+        self.redis.publish(ADAPTER_CHANNEL, AdapterEvent(event=event, model=model).encode())
+
+    def request_load(self, model: str, *, base_model: str, timeout: float) -> LoadReply | None:
+        """Ask for an on-demand load on `LOAD_CHANNEL` as the gateway does, and wait for the reply."""
+        from redis import asyncio as aioredis
+
+        async def ask() -> LoadReply | None:
+            client = aioredis.from_url(self.settings.resolved_redis_url)
+            try:
+                return await request_load(client, model=model, base_model=base_model, timeout=timeout)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(ask())
+
+    def adapter_loads(self, trigger: str) -> float:
+        """`ft_adapter_loads_total` of `trigger` (any result), from the serve process's /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://127.0.0.1:{self.settings.serve_metrics_port}/metrics", timeout=10).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "ft_adapter_loads_total" and sample.labels.get("trigger") == trigger
+        )
 
     def loaded(self) -> set[str]:
-        data = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"]
+        data = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=10).json()["data"]
         return {m["id"] for m in data if m["id"] != SMOLLM2}
 
     def wait_loaded(self, name: str, *, present: bool = True, timeout: float = 60.0) -> float:
@@ -145,7 +177,9 @@ class Serve:
     ) -> Any:
         body = {"model": model, "messages": [{"role": "user", "content": content}]}
         body |= {"temperature": 0, "max_tokens": max_tokens}
-        response = (client or httpx).post(f"{self.url}/v1/chat/completions", json=body, timeout=300)  # type: ignore[attr-defined]
+        response = (client or httpx).post(  # type: ignore[attr-defined]
+            f"{self.url}/v1/chat/completions", json=body, headers=self.headers, timeout=300
+        )
         return response
 
     def vllm_pids(self) -> list[int]:
@@ -202,11 +236,26 @@ def project_id(serve: Serve, name: str) -> str:
 
 @pytest.fixture(scope="session")
 def gateway(serve: Serve, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real `tuneworks api` whose `vllm_urls` point at the session's vLLM; key of project `proj-test`."""
+    """A real `tuneworks api` whose `vllm_urls` point at the session's vLLM; key of project `proj-test`.
+
+    As in Kubernetes, it has an FT_HOME of its own (no models, no served adapters) and shares only the database,
+    the artifact store and Redis with the serve process.
+    """
     from tests.conftest import ApiServer
 
-    settings = serve.settings.model_copy(
-        update={"api_port": free_port(), "vllm_urls": json.dumps({SMOLLM2: serve.url})}
+    home = tmp_path_factory.mktemp("gateway-home") / "home"
+    home.mkdir()
+    # A new Settings, not `model_copy`: a copy would keep the serve's cached `home_dir`.
+    settings = Settings(
+        **serve.settings.model_dump()
+        | {
+            "home": home,
+            "database_url": serve.settings.resolved_database_url,
+            "artifacts_url": f"file://{serve.settings.artifacts_dir}",
+            "api_port": free_port(),
+            "api_metrics_port": free_port(),
+            "vllm_urls": json.dumps({SMOLLM2: serve.url}),
+        }
     )
     server = ApiServer(settings, tmp_path_factory.mktemp("gateway") / "api.log")
     yield server

@@ -1,5 +1,6 @@
 """`tuneworks serve` against a real vLLM (SmolLM2, `--max-loras 2`): hot-load, the multi-LoRA regression,
-delete, and on-demand loading. Adapters are real peft LoRAs trained in-process (see `lora_adapters.py`)."""
+load requests on Redis, delete, and on-demand loading. Adapters are real peft LoRAs trained in-process (see
+`lora_adapters.py`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import httpx
 import pytest
 
 from core.settings import SMOLLM2
-from serving.adapters import vllm_name
 from serving.engine import resolver_dir
+from serving.materialise import vllm_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -78,7 +79,9 @@ def test_throughput_base_and_adapter(serve, rows) -> None:  # type: ignore[no-un
             body = {"model": model, "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0}
             body["ignore_eos"] = True
             started = time.monotonic()
-            response = httpx.post(f"{serve.url}/v1/completions", json=body, timeout=120)
+            response = httpx.post(
+                f"{serve.url}/v1/completions", json=body, headers=serve.headers, timeout=120
+            )
             seconds += time.monotonic() - started
             tokens += response.json()["usage"]["completion_tokens"]
         assert tokens == 3 * 64
@@ -87,12 +90,30 @@ def test_throughput_base_and_adapter(serve, rows) -> None:  # type: ignore[no-un
 
 def test_unloaded_adapter_is_loaded_again_on_demand(serve, rows, answers) -> None:  # type: ignore[no-untyped-def]
     name = vllm_name(rows["beta"])
-    assert httpx.post(f"{serve.url}/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+    unload = httpx.post(
+        f"{serve.url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=serve.headers
+    )
+    assert unload.status_code == 200
     assert name not in serve.loaded()
     started = time.monotonic()
     assert _text(serve.chat(name, "Anything?")) == answers["beta"]  # vLLM's filesystem resolver
     print(f"[figures] on-demand load through the resolver + answer: {time.monotonic() - started:.2f} s")
     assert name in serve.loaded()
+
+
+def test_load_request_for_another_base_model_is_ignored(serve, rows) -> None:  # type: ignore[no-untyped-def]
+    """Every serve process hears every `LoadRequest`; only the one of the request's base model acts and answers."""
+    row = rows["alpha"]
+    loads = serve.adapter_loads("on_demand")
+    assert serve.request_load(row.id, base_model="someone/other-base", timeout=3.0) is None
+    assert serve.adapter_loads("on_demand") == loads
+    started = time.monotonic()
+    reply = serve.request_load(row.id, base_model=SMOLLM2, timeout=60.0)
+    print(f"[figures] load request -> reply (adapter loaded already): {time.monotonic() - started:.3f} s")
+    assert reply is not None and reply.loaded and reply.model == row.id
+    assert serve.adapter_loads("on_demand") == loads + 1
+    gone = serve.request_load(row.id + "x", base_model=SMOLLM2, timeout=60.0)
+    assert gone is not None and not gone.loaded
 
 
 def test_deleted_adapter_is_unloaded_and_removed(serve, trained) -> None:  # type: ignore[no-untyped-def]
@@ -111,3 +132,17 @@ def test_sweep_loads_an_adapter_whose_event_was_lost(serve, trained, answers) ->
     row = serve.register(trained["beta"], project_id="proj_direct", name="silent")  # no "ready" published
     serve.wait_loaded(vllm_name(row), timeout=40)
     assert _text(serve.chat(vllm_name(row), "Hi")) == answers["beta"]
+
+
+def test_vllm_refuses_requests_without_the_key(serve, rows) -> None:  # type: ignore[no-untyped-def]
+    """Nothing but the gateway and the serve process (which hold FT_VLLM_API_KEY) may use or load adapters."""
+    name = vllm_name(rows["alpha"])
+    body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    assert httpx.post(f"{serve.url}/v1/chat/completions", json=body, timeout=60).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-key"}
+    load = {"lora_name": "intruder", "lora_path": "/etc"}
+    assert (
+        httpx.post(f"{serve.url}/v1/load_lora_adapter", json=load, headers=wrong, timeout=60).status_code
+        == 401
+    )
+    assert "intruder" not in serve.loaded()

@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from core.settings import SMOLLM2
-from serving.adapters import vllm_name
 from serving.engine import resolver_dir
+from serving.materialise import vllm_name
 from tests.serving.conftest import project_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -131,17 +131,29 @@ def test_validation_errors_name_the_field(gateway) -> None:  # type: ignore[no-u
 
 
 def test_adapter_missing_from_vllm_is_loaded_on_demand(serve, gateway, tuned, answers) -> None:  # type: ignore[no-untyped-def]
-    """Evicted and its resolver folder gone: vLLM answers 404, the gateway materialises, loads and retries."""
+    """Evicted and its resolver folder gone: vLLM answers 404, the gateway asks the serve process over Redis,
+    which materialises the adapter on its own disk and loads it, and the gateway retries. The API, with an FT_HOME
+    of its own, writes no adapter folder."""
     name = vllm_name(tuned)
-    httpx.post(f"{serve.url}/v1/unload_lora_adapter", json={"lora_name": name}).raise_for_status()
+    httpx.post(
+        f"{serve.url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=serve.headers
+    ).raise_for_status()
     shutil.rmtree(resolver_dir(serve.settings, SMOLLM2) / name)
+    assert name not in serve.loaded()
+    loads = serve.adapter_loads("on_demand")
     started = time.monotonic()
     done = gateway.client().chat.completions.create(
         model=tuned.id, messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=32
     )
     print(f"\n[figures] gateway on-demand load + answer: {time.monotonic() - started:.2f} s")
+    assert done.model == tuned.id
     assert done.choices[0].message.content == answers["alpha"]
     assert name in serve.loaded()
+    assert (resolver_dir(serve.settings, SMOLLM2) / name / "adapter_config.json").is_file()
+    assert serve.adapter_loads("on_demand") == loads + 1  # by the serve process, not vLLM's resolver
+    api_home = gateway.settings.home
+    assert api_home != serve.settings.home_dir
+    assert not (api_home / "served").exists() or not any((api_home / "served").rglob("*"))
 
 
 def test_gateway_metrics(gateway, tuned) -> None:  # type: ignore[no-untyped-def]
@@ -152,7 +164,7 @@ def test_gateway_metrics(gateway, tuned) -> None:  # type: ignore[no-untyped-def
     list(client.chat.completions.create(model=tuned.id, messages=messages, max_tokens=8, stream=True))
     client.completions.create(model=SMOLLM2, prompt="Hi", max_tokens=2)
 
-    text = httpx.get(f"http://127.0.0.1:{gateway.port}/metrics").text
+    text = httpx.get(f"http://127.0.0.1:{gateway.settings.api_metrics_port}/metrics", timeout=10).text
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
 
     def total(name: str, **labels: str) -> float:

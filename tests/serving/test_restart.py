@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from serving.adapters import vllm_name
+from serving.materialise import vllm_name
 from tests.serving.conftest import project_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
