@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import re
 
-PROJECT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Matched with `fullmatch` only: `$` would also accept a trailing newline ("abc\n").
+PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SUFFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_project_name(value: str) -> bool:
+    """True for 1 to 64 of `A-Z a-z 0-9 _ -`, and nothing else (no trailing newline)."""
+    return PROJECT_NAME.fullmatch(value) is not None
+
+
+def is_suffix(value: str) -> bool:
+    """True for a model name suffix: 1 to 64 of `A-Z a-z 0-9 _ -` (no `:`, no trailing newline)."""
+    return SUFFIX.fullmatch(value) is not None
 
 
 def fine_tuned_model_name(*, base_model: str, project: str, suffix: str | None, job_id: str) -> str:

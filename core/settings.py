@@ -147,6 +147,13 @@ class Settings(BaseSettings):
         default=300.0, description="Seconds to wait for a vLLM server to be healthy."
     )
     inference_timeout: float = Field(default=600.0, description="Gateway timeout for one inference request.")
+    inference_extra_params: str = Field(
+        default="top_k,min_p,repetition_penalty",
+        description="Comma-separated vLLM request fields beyond OpenAI's that callers may send (others are a 400).",
+    )
+    max_prompts_per_request: int = Field(
+        default=32, description="Most prompts one /v1/completions request may carry (an array of prompts)."
+    )
     on_demand_load_timeout: float = Field(
         default=60.0,
         description="Seconds the gateway waits for the serve process to load an adapter vLLM did not hold "
@@ -194,6 +201,10 @@ class Settings(BaseSettings):
         if not isinstance(value, dict):
             raise ValueError("`FT_EXTRA_MODELS` must be a JSON object of model id -> path")
         return {str(k): str(v) for k, v in value.items()}
+
+    @property
+    def inference_extra_param_names(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.inference_extra_params.split(",") if p.strip())
 
     def vllm_headers(self) -> dict[str, str]:
         """The headers every request to a vLLM server carries: its key, when one is set."""

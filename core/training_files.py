@@ -23,6 +23,8 @@ ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer
 PREFERRED_KEYS = ("preferred_output", "preferred_completion")
 NON_PREFERRED_KEYS = ("non_preferred_output", "non_preferred_completion")
 PROBLEMS_PER_KEY = 5  # problems kept per key (counts cover every line)
+MAX_INT_DIGITS = 4300  # Python refuses to convert longer integers (`sys.get_int_max_str_digits()` default)
+SHOWN_CHARS = 40  # a user's value quoted in a problem message is cut to this many characters
 
 # Keys that mean the file is not JSONL at all (job error `invalid_file_format`); every other key is a schema
 # problem (`invalid_training_file` / `invalid_validation_file`).
@@ -177,19 +179,64 @@ def _count(
 
 
 def _parse(data: bytes, line: int) -> tuple[dict | None, list[Problem]]:
+    """The line's JSON object, or the problem that stops it from being one. Strict JSON: `NaN` and `Infinity`
+    are refused; nesting deeper than Python's parser can follow and integers Python cannot convert are problems
+    of the line, never exceptions."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         return None, [Problem("invalid_encoding", line, None, f"not valid UTF-8 (byte {exc.start + 1})")]
+    huge: list[_HugeInt] = []
     try:
-        value = json.loads(text)
+        value = json.loads(
+            text, parse_int=lambda digits: _parse_int(digits, huge), parse_constant=_refuse_constant
+        )
     except json.JSONDecodeError as exc:
         return None, [
             Problem("invalid_json", line, None, f"not valid JSON ({exc.msg} at column {exc.colno})")
         ]
+    except (
+        ValueError,
+        RecursionError,
+    ) as exc:  # `_refuse_constant`, or nesting deeper than the parser's stack
+        reason = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
+        return None, [Problem("invalid_json", line, None, f"not valid JSON ({reason})")]
+    if huge:
+        text = f"an integer with more than {MAX_INT_DIGITS} digits"
+        return None, [Problem("invalid_number", line, _path_of_huge_int(value) or None, text)]
     if not isinstance(value, dict):
         return None, [Problem("data_type", line, None, f"expected a JSON object, got {_kind(value)}")]
     return value, []
+
+
+class _HugeInt:
+    """Stands in for an integer literal too long to convert, so that its field can be named."""
+
+
+def _parse_int(digits: str, huge: list[_HugeInt]) -> int | _HugeInt:
+    if len(digits) <= MAX_INT_DIGITS:
+        return int(digits)
+    huge.append(_HugeInt())
+    return huge[-1]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _path_of_huge_int(value: Any) -> str:
+    """The field path of the first `_HugeInt` in `value` ("" for the value itself).
+    Iterative, because `value` may be nested as deeply as the parser allows."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, _HugeInt):
+            return path
+        if isinstance(item, dict):
+            stack += [(f"{path}.{k}" if path else k, v) for k, v in reversed(item.items())]
+        elif isinstance(item, list):
+            stack += [(f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item)))]
+    return ""
 
 
 def detect_format(example: dict) -> str:
@@ -245,7 +292,7 @@ def _check_messages(messages: list, line: int, path: str) -> list[Problem]:
 
 def _check_message(message: dict, line: int, where: str) -> list[Problem]:
     content = message.get("content")
-    if len(message) == 2 and message.get("role") in ROLES and isinstance(content, str) and content:
+    if len(message) == 2 and _is_role(message.get("role")) and isinstance(content, str) and content:
         return []  # the common case, `{"role": ..., "content": "..."}`, without the checks below
     problems: list[Problem] = []
     has_call = bool(message.get("function_call") or message.get("tool_calls"))
@@ -256,13 +303,15 @@ def _check_message(message: dict, line: int, where: str) -> list[Problem]:
             )
     unknown = sorted(k for k in message if k not in MESSAGE_KEYS)
     if unknown:
-        names = ", ".join(f"`{k}`" for k in unknown)
+        names = ", ".join(f"`{_cut(k)}`" for k in unknown[:PROBLEMS_PER_KEY])
         problems.append(
-            Problem("message_unrecognized_key", line, f"{where}.{unknown[0]}", f"unrecognized {names}")
+            Problem("message_unrecognized_key", line, f"{where}.{_cut(unknown[0])}", f"unrecognized {names}")
         )
     role = message.get("role")
-    if "role" in message and role not in ROLES:
-        problems.append(Problem("unrecognized_role", line, f"{where}.role", f"unrecognized role {role!r}"))
+    if "role" in message and not _is_role(role):
+        problems.append(
+            Problem("unrecognized_role", line, f"{where}.role", f"unrecognized role {_show(role)}")
+        )
     if "content" in message and not has_call and not _valid_content(message["content"]):
         text = "`content` must be a non-empty string"
         problems.append(Problem("missing_content", line, f"{where}.content", text))
@@ -275,7 +324,9 @@ def _check_weight(message: dict, line: int, where: str) -> list[Problem]:
     weight = message["weight"]
     if isinstance(weight, bool) or weight not in (0, 1):
         return [
-            Problem("invalid_weight", line, f"{where}.weight", f"`weight` must be 0 or 1, got {weight!r}")
+            Problem(
+                "invalid_weight", line, f"{where}.weight", f"`weight` must be 0 or 1, got {_show(weight)}"
+            )
         ]
     if message.get("role") != "assistant":
         return [
@@ -350,6 +401,23 @@ def _check_preference_side(example: dict, keys: tuple[str, str], line: int) -> l
             Problem("invalid_preference_output", line, f"{key}[0].role", "the role must be `assistant`")
         )
     return problems
+
+
+def _is_role(value: Any) -> bool:
+    return isinstance(value, str) and value in ROLES  # type first: a list or an object cannot be hashed
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
+
+
+def _show(value: Any) -> str:
+    """A user's value for a message: short strings and numbers as written, anything else by its kind."""
+    if isinstance(value, str):
+        return repr(_cut(value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _cut(repr(value))
+    return _kind(value)
 
 
 def _kind(value: Any) -> str:

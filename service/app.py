@@ -1,30 +1,34 @@
-"""The API process: app factory, lifespan resources, request ids and metrics, the one error renderer.
+"""The API process: app factory, lifespan resources, the one error renderer, health, readiness, metrics server.
 
 `create_app(settings)` builds the FastAPI app; `run_api(settings)` serves it with uvicorn. Every error leaves as
 OpenAI's nested envelope with an `x-request-id` header: `APIError`s, request validation errors (400 with the
-dotted `param`), unknown routes and methods, and unexpected exceptions (500, logged).
+dotted `param`), unknown routes and methods, and unexpected exceptions (500, logged). What every request must pass
+first (key, request rate, body size and nesting, NUL-free ids) is `middleware.py`'s.
+
+Prometheus metrics are not on the API port: they name every project's models (drift series), so they are served
+by a separate server on `FT_METRICS_HOST:FT_API_METRICS_PORT` (127.0.0.1:9100 by default; 0 = off).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, start_wsgi_server
+from prometheus_client.registry import Collector
 from sqlalchemy import func, text
 from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import metrics
 from core.db import init_db, make_engine
@@ -34,6 +38,8 @@ from core.storage import ArtifactStore
 from core.tables import JobRow
 from service.deps import connect_redis
 from service.errors import APIError, envelope
+from service.limits import RateLimiter
+from service.middleware import RequestContextMiddleware, RequestGuardMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +47,42 @@ _HTTP_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "inva
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The API app for `settings`: routes under `/v1`, `/health`, `/ready`, `/metrics`.
+    """The API app for `settings`: routes under `/v1`, `/health`, `/ready`.
 
     Args:
         settings: the process settings (database, Redis, artifact store, limits).
 
     Returns:
-        The app; its lifespan opens the database, the artifact store and Redis and keeps them on `app.state`.
+        The app; its lifespan opens the database, the artifact store and Redis and keeps them on `app.state`,
+        and starts the metrics server.
     """
     app = FastAPI(title="Tuneworks", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings
-    app.add_middleware(RequestContextMiddleware)
+    app.state.rate_limiter = (
+        RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+    )
+    app.add_middleware(RequestGuardMiddleware, routes=app.router.routes)  # inside the request context
+    app.add_middleware(RequestContextMiddleware, routes=app.router.routes)
     app.add_exception_handler(APIError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     _add_routes(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document without the 422 it adds to every operation: request validation errors are 400s here,
+    documented (with the other error statuses) by each router as OpenAI's error envelope."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            document.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -64,7 +90,6 @@ def _add_routes(app: FastAPI) -> None:
 
     app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_api_route("/ready", ready, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/metrics", metrics_text, methods=["GET"], include_in_schema=False)
     for router in (files.router, fine_tuning_jobs.router, models.router):
         app.include_router(router, prefix="/v1")
     try:
@@ -85,67 +110,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.redis = await connect_redis(settings)
     app.state.redis_tried_at = time.monotonic()
     logger.info("api ready: database %s, redis %s", app.state.engine.url.render_as_string(), app.state.redis)
+    metrics_server = _start_metrics_server(settings, app.state.engine)
     try:
         yield
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         if app.state.redis is not None:
             await app.state.redis.aclose()
         inference_client = getattr(app.state, "inference_client", None)  # made lazily by service.gateway
         if inference_client is not None:
             await inference_client.aclose()
         app.state.engine.dispose()
-
-
-# --- request ids, HTTP metrics and the last-resort 500 -------------------------------------------------------
-class RequestContextMiddleware:
-    """Adds `x-request-id` to every response (echoing the caller's), counts requests by route template, and turns
-    an unexpected exception into a logged 500 envelope."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = _incoming_request_id(scope) or "req_" + secrets.token_hex(12)
-        scope.setdefault("state", {})["request_id"] = request_id
-        started, status = time.perf_counter(), [0]
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-                _observe(scope, status[0], time.perf_counter() - started)
-            await send(message)
-
-        metrics.HTTP_IN_FLIGHT.inc()
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            logger.exception("request %s: %s %s failed", request_id, scope["method"], scope["path"])
-            if status[0]:
-                raise
-            response = JSONResponse(envelope("Internal server error", type="server_error"), status_code=500)
-            await response(scope, receive, send_with_id)
-        finally:
-            metrics.HTTP_IN_FLIGHT.dec()
-
-
-def _incoming_request_id(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            text_value = value.decode("latin-1")[:128]
-            return text_value if text_value.isprintable() and text_value.strip() else None
-    return None
-
-
-def _observe(scope: Scope, status: int, seconds: float) -> None:
-    route = scope.get("route")
-    template = getattr(route, "path", None) or "unmatched"
-    metrics.HTTP_REQUESTS.labels(method=scope["method"], route=template, status=str(status)).inc()
-    metrics.HTTP_LATENCY.labels(method=scope["method"], route=template).observe(seconds)
 
 
 # --- error rendering ---------------------------------------------------------------------------------------
@@ -200,13 +177,16 @@ async def health() -> dict[str, str]:
 
 
 async def ready(request: Request) -> JSONResponse:
-    """200 when the database and Redis answer, else 503 naming what is down."""
+    """200 when the database answers (files, jobs, models and completions need nothing else), else 503.
+
+    Redis is reported, not required: without it jobs are still created (the worker's reconciler enqueues them
+    later), so its outage makes the API `degraded`, not unready.
+    """
     checks = {"database": await run_in_threadpool(_database_ok, request.app.state.engine)}
     checks["redis"] = await _redis_ok(request)
-    status = 200 if all(checks.values()) else 503
-    return JSONResponse(
-        {"status": "ok" if status == 200 else "unavailable", "checks": checks}, status_code=status
-    )
+    if not checks["database"]:
+        return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503)
+    return JSONResponse({"status": "ok" if checks["redis"] else "degraded", "checks": checks})
 
 
 def _database_ok(engine: Any) -> bool:
@@ -230,20 +210,50 @@ async def _redis_ok(request: Request) -> bool:
         return False
 
 
-async def metrics_text(request: Request) -> Response:
-    """Prometheus text; job and queue gauges are read from the database and Redis at scrape."""
-    counts = await run_in_threadpool(_job_counts, request.app.state.engine)
-    for status in JobStatus:
-        metrics.JOBS_BY_STATUS.labels(status=status.value).set(counts.get(status.value, 0))
-    from service.deps import get_redis
+class _ScrapeTime(Collector):
+    """The process's metrics, with the job and queue gauges read from the database and Redis first (each scrape,
+    in the metrics server's thread)."""
 
-    redis = await get_redis(request)
+    def __init__(self, settings: Settings, engine: Any) -> None:
+        self.engine, self.settings = engine, settings
+
+    def collect(self) -> Any:
+        import redis  # the synchronous client: this runs in the metrics server's thread, not the event loop
+
+        try:
+            counts = _job_counts(self.engine)
+            for status in JobStatus:
+                metrics.JOBS_BY_STATUS.labels(status=status.value).set(counts.get(status.value, 0))
+        except Exception as exc:
+            logger.warning("metrics: job counts unavailable: %s", exc)
+        try:
+            url = self.settings.resolved_redis_url
+            with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
+                metrics.QUEUE_DEPTH.set(cast(int, client.zcard(self.settings.queue_name)))
+        except Exception as exc:
+            logger.warning("metrics: queue depth unavailable: %s", exc)
+        yield from REGISTRY.collect()
+
+
+def _start_metrics_server(settings: Settings, engine: Any) -> Any:
+    """prometheus_client's HTTP server on `metrics_host:api_metrics_port` (None when off or the port is taken:
+    the API serves on without it, and says so)."""
+    if not settings.api_metrics_port:
+        return None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ScrapeTime(settings, engine))
     try:
-        if redis is not None:
-            metrics.QUEUE_DEPTH.set(await redis.zcard(request.app.state.settings.queue_name))
-    except Exception as exc:
-        logger.warning("metrics: queue depth unavailable: %s", exc)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        server, _ = start_wsgi_server(
+            settings.api_metrics_port, addr=settings.metrics_host, registry=registry
+        )
+    except OSError as exc:
+        logger.error(
+            "metrics: cannot listen on %s:%d (%s); /metrics is not served",
+            settings.metrics_host, settings.api_metrics_port, exc,
+        )  # fmt: skip
+        return None
+    logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.api_metrics_port)
+    return server
 
 
 def _job_counts(engine: Any) -> dict[str, int]:

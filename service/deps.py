@@ -69,17 +69,33 @@ async def get_redis(request: Request) -> ArqRedis | None:
 def authenticate(request: Request) -> Project:
     """The project of the request's `Authorization: Bearer` key.
 
+    The guard middleware authenticates every `/v1/` request before its body is read and leaves the project on
+    the request's state; this dependency takes it from there (and checks the header itself otherwise).
+
+    Raises:
+        Unauthorized: no key, a malformed header, or an unknown or revoked key.
+    """
+    project = getattr(request.state, "project", None)
+    if isinstance(project, Project):
+        return project
+    return project_of_key(request.app.state.engine, request.headers.get("authorization", ""))
+
+
+def project_of_key(engine: Engine, authorization: str) -> Project:
+    """The project of an `Authorization` header's bearer key (a database lookup: no cache, so a revoked key is
+    refused at once).
+
     `OpenAI-Organization` and `OpenAI-Project` headers are accepted and ignored: the key decides the project.
 
     Raises:
         Unauthorized: no key, a malformed header, or an unknown or revoked key.
     """
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized(
             "You didn't provide an API key. Provide it in the Authorization header: `Authorization: Bearer KEY`."
         )
-    project = authenticate_key(request.app.state.engine, key.strip())
+    project = authenticate_key(engine, key.strip())
     if project is None:
         raise Unauthorized("Incorrect API key provided.")
     return project

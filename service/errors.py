@@ -93,6 +93,22 @@ class ServiceUnavailable(APIError):
         self.headers.setdefault("retry-after", str(retry_after))
 
 
+_DESCRIPTIONS = {
+    400: "Invalid request: a bad field, query parameter, body or state change (`param` names it)",
+    401: "Missing, unknown or revoked API key",
+    403: "Not allowed (a base model cannot be deleted)",
+    404: "No such object in this project",
+    413: "Request body or file too large",
+    429: "Rate limit or quota reached; `retry-after` says when to try again",
+}
+GUARDED = (400, 401, 413, 429)  # what any `/v1` request may get from the guard middleware, before its route
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries of these error statuses, each the error envelope (for routes and routers)."""
+    return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
 def not_found(kind: str, object_id: str, *, param: str = "id") -> NotFound:
     """OpenAI's wording: `No such File object: file-…`."""
     return NotFound(f"No such {kind} object: {object_id}", param=param)

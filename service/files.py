@@ -8,6 +8,7 @@ a refused upload leaves nothing behind. `fine-tune` files are then validated lin
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -35,6 +36,12 @@ logger = logging.getLogger(__name__)
 MIN_EXPIRY, MAX_EXPIRY = 3600, 2592000  # expires_after[seconds] range
 BATCH_EXPIRY = 30 * 24 * 3600  # batch files expire after 30 days unless told otherwise
 MAX_FIELD_BYTES = 4096  # a non-file form field longer than this is refused
+MAX_PARTS = 16  # parts of one upload (the `file` and a few fields): more is a 400
+MAX_PART_HEADER_BYTES = 8192  # the headers of one part
+# What a body may carry besides the file's bytes (the guard middleware's limit is FT_MAX_UPLOAD_BYTES plus this).
+MULTIPART_OVERHEAD_BYTES = MAX_PARTS * (MAX_FIELD_BYTES + MAX_PART_HEADER_BYTES + 1024)
+_SECONDS = re.compile(r"[0-9]{1,8}")  # `expires_after[seconds]`: ASCII digits only (`isdigit` takes "²")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # dropped from filenames (PostgreSQL refuses NUL in text)
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a training example (one JSONL line) longer than this is an error
 
 
@@ -68,8 +75,10 @@ class UploadReader:
         self.fields: dict[str, str] = {}
         self.filename: str | None = None
         self.size = 0
+        self.parts = 0
         self._part = _Part()
         self._header = [b"", b""]
+        self._header_bytes = 0
         self._parser = MultipartParser(
             boundary,
             {
@@ -84,9 +93,18 @@ class UploadReader:
         )
 
     def _begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise InvalidRequest(f"An upload has at most {MAX_PARTS} parts.", param="file")
         self._part = _Part()
+        self._header_bytes = 0
 
     def _extend(self, index: int, data: bytes) -> None:
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise InvalidRequest(
+                f"The headers of a part are longer than {MAX_PART_HEADER_BYTES} bytes.", param="file"
+            )
         self._header[index] += data
 
     def _header_end(self) -> None:
@@ -99,7 +117,9 @@ class UploadReader:
         if b"filename" in options and self._part.name == "file":
             if self.filename is not None:
                 raise InvalidRequest("Only one `file` part is allowed.", param="file")
-            self.filename = options[b"filename"].decode("utf-8", "replace")[:512] or "upload"
+            self.filename = (
+                _CONTROL.sub("", options[b"filename"].decode("utf-8", "replace"))[:512] or "upload"
+            )
             self._part.filename = self.filename
 
     def _data(self, data: bytes, start: int, end: int) -> None:
@@ -177,11 +197,11 @@ async def upload(
         PayloadTooLarge: the file is over `limit` bytes (nothing is kept).
     """
     key = idempotency.check_key(idempotency_key)
-    earlier = await run_in_threadpool(idempotency.find, session, project_id=project_id, kind="file", key=key)
+    earlier = await run_in_threadpool(_earlier_upload, session, project_id=project_id, key=key)
     if earlier is not None:
         async for _ in stream:  # a retry: its body is not needed
             pass
-        return await run_in_threadpool(_by_id, session, earlier)
+        return earlier
     file_id = new_id("file-")
     with store.writer(file_key(file_id)) as sink:
         reader = UploadReader(boundary_of(content_type), sink, limit=limit)
@@ -224,6 +244,20 @@ def _register(
     return to_openai(row)
 
 
+def _earlier_upload(session: Session, *, project_id: str, key: str | None) -> FileObject | None:
+    """The file an earlier upload with `key` created, while it still exists. Once it is deleted or expired the
+    key is free again (its row goes), so the retry uploads anew instead of returning a file nobody can use."""
+    file_id = idempotency.find(session, project_id=project_id, kind="file", key=key)
+    if file_id is None:
+        return None
+    row = session.exec(select(FileRow).where(FileRow.id == file_id, *visible(project_id))).first()
+    if row is not None:
+        return to_openai(row)
+    idempotency.forget(session, project_id=project_id, kind="file", key=str(key))
+    session.commit()
+    return None
+
+
 def _by_id(session: Session, file_id: str) -> FileObject:
     return to_openai(session.exec(select(FileRow).where(FileRow.id == file_id)).one())
 
@@ -242,7 +276,7 @@ def _check_fields(reader: UploadReader) -> tuple[str, Callable[[int], int | None
         return purpose, lambda created: created + BATCH_EXPIRY if purpose == "batch" else None
     if anchor != "created_at":
         raise InvalidRequest("`expires_after[anchor]` must be `created_at`.", param="expires_after.anchor")
-    if seconds is None or not seconds.isdigit() or not MIN_EXPIRY <= int(seconds) <= MAX_EXPIRY:
+    if seconds is None or not _SECONDS.fullmatch(seconds) or not MIN_EXPIRY <= int(seconds) <= MAX_EXPIRY:
         raise InvalidRequest(
             f"`expires_after[seconds]` must be an integer from {MIN_EXPIRY} to {MAX_EXPIRY}.",
             param="expires_after.seconds",

@@ -2,12 +2,13 @@
 
 The openai SDK retries a POST after a timeout or a 5xx without sending a key, so duplicates stay possible for it;
 clients that send the header (curl users, other SDKs) get exactly one object per key and project: a retry returns
-the object the first request created, whatever the retry's body says.
+the object the first request created, whatever the retry's body says. A key whose file was deleted (or expired)
+is free again: the retry creates a new file (jobs cannot be deleted, so a job key stays bound to its job).
 """
 
 from __future__ import annotations
 
-from sqlmodel import Session, select
+from sqlmodel import Session, delete, select
 
 from core.tables import IdempotencyRow
 from service.errors import InvalidRequest
@@ -44,3 +45,14 @@ def record(session: Session, *, project_id: str, kind: str, key: str | None, obj
     index and its caller returns the winner's object)."""
     if key is not None:
         session.add(IdempotencyRow(project_id=project_id, kind=kind, key=key, object_id=object_id))
+
+
+def forget(session: Session, *, project_id: str, kind: str, key: str) -> None:
+    """Free `key` (its object is gone); the caller commits."""
+    session.exec(  # type: ignore[call-overload]
+        delete(IdempotencyRow).where(
+            IdempotencyRow.project_id == project_id,  # type: ignore[arg-type]
+            IdempotencyRow.kind == kind,  # type: ignore[arg-type]
+            IdempotencyRow.key == key,  # type: ignore[arg-type]
+        )
+    )

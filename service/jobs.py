@@ -12,7 +12,7 @@ import logging
 import secrets
 
 from arq.connections import ArqRedis
-from sqlalchemy import String, cast, func
+from sqlalchemy import String, cast, exists, func
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -23,9 +23,9 @@ from core.ids import new_id
 from core.job_spec import HYPERPARAMETER_KEYS, JobSpec
 from core.job_status import TERMINAL, IllegalTransition, JobStatus, transition
 from core.settings import Settings
-from core.tables import CheckpointRow, FileRow, JobEventRow, JobRow, Project
+from core.tables import CheckpointRow, FileRow, JobEventRow, JobRow, ModelRow, Project
 from service import files, idempotency, pagination
-from service.errors import InvalidRequest, not_found
+from service.errors import InvalidRequest, RateLimited, not_found
 from service.protocol import (
     FineTuningJob,
     FineTuningJobCheckpoint,
@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 S = JobStatus
 JOB_ID_PARAM = "fine_tuning_job_id"
+QUOTA_RETRY_AFTER = 5  # seconds: the SDK retries a 429 after `retry-after`, twice, then raises RateLimitError
 
 
 # --- wire shapes -------------------------------------------------------------------------------------------
@@ -123,6 +124,7 @@ def create(
 
     Raises:
         InvalidRequest: unknown model, unusable file, unsupported method, conflicting hyperparameters.
+        RateLimited: the project has `max_active_jobs_per_project` unfinished jobs already.
     """
     _check_model(settings, request.model)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
@@ -135,6 +137,7 @@ def create(
         _check_file(session, project.id, request.training_file, param="training_file")
         if request.validation_file is not None:
             _check_file(session, project.id, request.validation_file, param="validation_file")
+        _check_quota(session, project.id, settings.max_active_jobs_per_project)
         job = _new_row(project, request, spec)
         if not _insert(session, job, key):
             winner = idempotency.find(session, project_id=project.id, kind="job", key=key)
@@ -151,6 +154,25 @@ def _check_model(settings: Settings, model: str) -> None:
             f"Model {model!r} is not available for fine-tuning. Available models: {known}.",
             param="model",
             code="model_not_available",
+        )
+
+
+def _check_quota(session: Session, project_id: str, limit: int) -> None:
+    """Refuse a new job while the project has `limit` unfinished ones (0 = no limit). Checked, not locked: two
+    concurrent creates may both pass at `limit - 1`."""
+    if not limit:
+        return
+    active = session.exec(
+        select(func.count()).where(  # type: ignore[call-overload]
+            JobRow.project_id == project_id, col(JobRow.status).not_in([s.value for s in TERMINAL])
+        )
+    ).one()
+    if int(active) >= limit:
+        raise RateLimited(
+            f"This project has {active} unfinished fine-tuning jobs, the most it may have at once ({limit}). "
+            "Wait for one to finish or cancel one.",
+            code="too_many_active_jobs",
+            headers={"retry-after": str(QUOTA_RETRY_AFTER)},
         )
 
 
@@ -308,10 +330,14 @@ def list_events(
 def list_checkpoints(
     *, session: Session, project_id: str, job_id: str, after: str | None, limit: int
 ) -> FineTuningJobCheckpointList:
-    """A job's kept checkpoints, newest first, after checkpoint `after`."""
+    """A job's kept checkpoints, newest first, after checkpoint `after`; a checkpoint whose model was deleted
+    (`DELETE /v1/models/...` of it or of the job's final model) is gone from the list too."""
     get_row(session=session, project_id=project_id, job_id=job_id)
+    model_deleted = exists().where(
+        col(ModelRow.id) == col(CheckpointRow.fine_tuned_model_checkpoint), col(ModelRow.deleted).is_(True)
+    )
     statement = select(CheckpointRow).where(
-        CheckpointRow.job_id == job_id, col(CheckpointRow.deleted).is_(False)
+        CheckpointRow.job_id == job_id, col(CheckpointRow.deleted).is_(False), ~model_deleted
     )
     after_pk = (
         None

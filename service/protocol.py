@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from core.naming import SUFFIX
+from core.naming import is_suffix
 
 
 class OpenAIBaseModel(BaseModel):
@@ -179,7 +179,7 @@ class JobCreateRequest(OpenAIBaseModel):
     @field_validator("suffix")
     @classmethod
     def _suffix(cls, value: str | None) -> str | None:
-        if value is not None and not SUFFIX.match(value):
+        if value is not None and not is_suffix(value):
             raise ValueError("must be 1 to 64 characters of A-Z a-z 0-9 _ - (no `:`)")
         return value
 

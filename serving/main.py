@@ -30,7 +30,7 @@ def run_serve(settings: Settings) -> int:
     if settings.serve_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.serve_metrics_port, addr=settings.api_host)
+        start_http_server(settings.serve_metrics_port, addr=settings.metrics_host)
         logger.info("serve: metrics on port %s", settings.serve_metrics_port)
     return asyncio.run(_serve(settings))
 

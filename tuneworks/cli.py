@@ -26,13 +26,21 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(
             name, help=text, epilog=env_help(), formatter_class=argparse.RawDescriptionHelpFormatter
         )
-    keys = sub.add_parser("keys", help="create or revoke API keys").add_subparsers(
+    keys = sub.add_parser("keys", help="create, list or revoke API keys").add_subparsers(
         dest="keys_command", required=True
     )
     create = keys.add_parser("create", help="print a new API key for a project (the only line on stdout)")
     create.add_argument("--project", required=True, help="project name (created when new)")
-    revoke = keys.add_parser("revoke", help="revoke an API key")
-    revoke.add_argument("key", help="the key, as printed by `keys create`")
+    revoke = keys.add_parser("revoke", help="revoke an API key (at once: keys are not cached)")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="key_id", help="the key's id (key_..., as `keys list` shows it)")
+    which.add_argument(
+        "key", nargs="?", help="the secret key itself (prefer --id: no secret on a command line)"
+    )
+    listing = keys.add_parser(
+        "list", help="list keys: id, project, prefix, created, revoked (never the secret)"
+    )
+    listing.add_argument("--project", help="only the keys of this project")
     models = sub.add_parser("models", help="list or prepare base models").add_subparsers(
         dest="models_command", required=True
     )
@@ -76,7 +84,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
         if args.keys_command == "create":
             print(keys.create_key_cli(settings, project=args.project))
             return 0
-        return keys.revoke_key_cli(settings, key=args.key)
+        if args.keys_command == "list":
+            return keys.list_keys_cli(settings, project=args.project)
+        return keys.revoke_key_cli(settings, key=args.key, key_id=args.key_id)
     from tuneworks import model_cli
 
     if args.models_command == "list":

@@ -11,6 +11,23 @@ from typing import Any, Literal
 from service.errors import InvalidRequest
 
 Endpoint = Literal["chat", "completions"]
+# The request fields of OpenAI's API (the openai SDK's `CompletionCreateParams` for each endpoint). Anything else
+# is one of vLLM's own extensions (`chat_template`, `priority`, `logits_processors`, `kv_transfer_params`, ...),
+# some of which let one caller change what the server does for everyone: refused unless the operator allows it
+# by name (FT_INFERENCE_EXTRA_PARAMS).
+_COMMON = frozenset({
+    "model", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n", "presence_penalty", "seed",
+    "stop", "stream", "stream_options", "temperature", "top_p", "user",
+})  # fmt: skip
+OPENAI_FIELDS: dict[str, frozenset[str]] = {
+    "chat": _COMMON | {
+        "messages", "top_logprobs", "max_completion_tokens", "response_format", "tools", "tool_choice",
+        "parallel_tool_calls", "function_call", "functions", "store", "metadata", "service_tier",
+        "reasoning_effort", "modalities", "audio", "prediction", "web_search_options", "safety_identifier",
+        "prompt_cache_key", "verbosity",
+    },
+    "completions": _COMMON | {"prompt", "best_of", "echo", "suffix"},
+}  # fmt: skip
 _UNSUPPORTED = ("audio", "modalities", "web_search_options", "prediction")  # 400: cannot be honoured here
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
@@ -27,18 +44,25 @@ _RANGES: dict[str, tuple[float, float, bool]] = {  # field -> (low, high, intege
 }
 
 
-def validate(endpoint: Endpoint, body: Any) -> None:
+def validate(
+    endpoint: Endpoint, body: Any, *, extra_params: frozenset[str] = frozenset(), max_prompts: int = 32
+) -> None:
     """Check the fields the gateway relies on before proxying.
 
     Args:
         endpoint: "chat" or "completions".
         body: the parsed JSON body.
+        extra_params: vLLM extension fields the operator allows (FT_INFERENCE_EXTRA_PARAMS).
+        max_prompts: the most prompts one completions request may carry (FT_MAX_PROMPTS_PER_REQUEST).
 
     Raises:
         InvalidRequest: with `param` naming the first bad field.
     """
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    unknown = sorted(set(body) - OPENAI_FIELDS[endpoint] - extra_params)
+    if unknown:
+        raise InvalidRequest(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     for name in _UNSUPPORTED:
@@ -46,8 +70,8 @@ def validate(endpoint: Endpoint, body: Any) -> None:
             raise InvalidRequest(f"'{name}' is not supported by this server.", param=name)
     if endpoint == "chat":
         _check_messages(body.get("messages"))
-    elif body.get("prompt") is None:
-        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
+    else:
+        _check_prompt(body.get("prompt"), max_prompts)
     _check_numbers(body)
     _check_stream(body)
     _check_stop(body.get("stop"))
@@ -60,11 +84,44 @@ def _check_messages(messages: Any) -> None:
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidRequest("Each message must be an object.", param=f"messages[{index}]")
-        if message.get("role") not in _ROLES:
+        role = message.get("role")
+        if (
+            not isinstance(role, str) or role not in _ROLES
+        ):  # a list or an object is not hashable: check the type
             raise InvalidRequest(
-                f"Invalid role {message.get('role')!r}; expected one of {', '.join(sorted(_ROLES))}.",
+                f"Invalid role {str(role)[:40]!r}; expected one of {', '.join(sorted(_ROLES))}.",
                 param=f"messages[{index}].role",
             )
+
+
+def _check_prompt(prompt: Any, max_prompts: int) -> None:
+    """A string, an array of strings, an array of token ids, or an array of arrays of token ids (OpenAI's forms)."""
+    if prompt is None:
+        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt")
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise InvalidRequest("'prompt' must be a string or a non-empty array.", param="prompt")
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        return  # one prompt of token ids
+    if not all(isinstance(x, str) or _token_ids(x) for x in prompt):
+        raise InvalidRequest(
+            "'prompt' must be a string, an array of strings, or an array of arrays of token ids.",
+            param="prompt",
+        )
+    if len(prompt) > max_prompts:
+        raise InvalidRequest(
+            f"'prompt' holds {len(prompt)} prompts; at most {max_prompts} are allowed per request.",
+            param="prompt",
+        )
+
+
+def _token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    )
 
 
 def _check_numbers(body: dict[str, Any]) -> None:

@@ -126,7 +126,8 @@ async def complete(
         ServiceUnavailable: vLLM is not reachable, or a fine-tuned model's adapter could not be loaded in time
             (503 with `retry-after`).
     """
-    validate(endpoint, body)
+    validate(endpoint, body, extra_params=settings.inference_extra_param_names,
+             max_prompts=settings.max_prompts_per_request)  # fmt: skip
     target = await resolve_target(settings=settings, engine=engine, project=project, model=body["model"])
     call = _Call(target=target, endpoint=endpoint, body=body)
     _observe_drift(state, call)

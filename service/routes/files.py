@@ -10,9 +10,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service import files
 from service.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, StoreDep
+from service.errors import GUARDED, documented
 from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], responses=documented(*GUARDED))
 
 
 _UPLOAD_BODY = {  # documents the multipart body that `files.upload` parses itself, as a stream
@@ -57,12 +58,12 @@ def list_files(
     )
 
 
-@router.get("/files/{file_id}")
+@router.get("/files/{file_id}", responses=documented(404))
 def retrieve_file(file_id: str, project: ProjectDep, session: SessionDep) -> FileObject:
     return files.retrieve(session=session, project_id=project.id, file_id=file_id)
 
 
-@router.get("/files/{file_id}/content")
+@router.get("/files/{file_id}/content", responses=documented(404))
 def file_content(file_id: str, project: ProjectDep, session: SessionDep, store: StoreDep) -> FileResponse:
     row, path = files.content(session=session, store=store, project_id=project.id, file_id=file_id)
     media_type = "text/csv" if row.purpose == "fine-tune-results" else "application/octet-stream"
@@ -71,7 +72,7 @@ def file_content(file_id: str, project: ProjectDep, session: SessionDep, store: 
     )
 
 
-@router.delete("/files/{file_id}")
+@router.delete("/files/{file_id}", responses=documented(404))
 async def delete_file(file_id: str, project: ProjectDep, session: SessionDep, store: StoreDep) -> FileDeleted:
     return await run_in_threadpool(
         files.delete, session=session, store=store, project_id=project.id, file_id=file_id

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from core import queue
 from service import jobs
 from service.deps import EngineDep, IdempotencyKeyDep, ProjectDep, RedisDep, SessionDep, SettingsDep
-from service.errors import InvalidRequest
+from service.errors import GUARDED, InvalidRequest, documented
 from service.protocol import (
     FineTuningJob,
     FineTuningJobCheckpointList,
@@ -17,7 +17,7 @@ from service.protocol import (
     JobCreateRequest,
 )
 
-router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=documented(*GUARDED))
 
 
 @router.post("")
@@ -63,22 +63,22 @@ def _metadata_filter(request: Request) -> tuple[dict[str, str], bool]:
     return pairs, request.query_params.get("metadata") == "null"
 
 
-@router.get("/{fine_tuning_job_id}")
+@router.get("/{fine_tuning_job_id}", responses=documented(404))
 def retrieve_job(fine_tuning_job_id: str, project: ProjectDep, session: SessionDep) -> FineTuningJob:
     return jobs.retrieve(session=session, project_id=project.id, job_id=fine_tuning_job_id)
 
 
-@router.post("/{fine_tuning_job_id}/cancel")
+@router.post("/{fine_tuning_job_id}/cancel", responses=documented(404))
 def cancel_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep) -> FineTuningJob:
     return jobs.to_openai(jobs.cancel(engine=engine, project_id=project.id, job_id=fine_tuning_job_id))
 
 
-@router.post("/{fine_tuning_job_id}/pause")
+@router.post("/{fine_tuning_job_id}/pause", responses=documented(404))
 def pause_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep) -> FineTuningJob:
     return jobs.to_openai(jobs.pause(engine=engine, project_id=project.id, job_id=fine_tuning_job_id))
 
 
-@router.post("/{fine_tuning_job_id}/resume")
+@router.post("/{fine_tuning_job_id}/resume", responses=documented(404))
 async def resume_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep, settings: SettingsDep,
                      redis: RedisDep) -> FineTuningJob:  # fmt: skip
     row = await run_in_threadpool(
@@ -88,7 +88,7 @@ async def resume_job(fine_tuning_job_id: str, project: ProjectDep, engine: Engin
     return jobs.to_openai(row)
 
 
-@router.get("/{fine_tuning_job_id}/events")
+@router.get("/{fine_tuning_job_id}/events", responses=documented(404))
 def list_events(fine_tuning_job_id: str, project: ProjectDep, session: SessionDep, after: str | None = None,
                 limit: int = Query(20, ge=1, le=100)) -> FineTuningJobEventList:  # fmt: skip
     return jobs.list_events(
@@ -96,7 +96,7 @@ def list_events(fine_tuning_job_id: str, project: ProjectDep, session: SessionDe
     )
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints")
+@router.get("/{fine_tuning_job_id}/checkpoints", responses=documented(404))
 def list_checkpoints(fine_tuning_job_id: str, project: ProjectDep, session: SessionDep, after: str | None = None,
                      limit: int = Query(10, ge=1, le=100)) -> FineTuningJobCheckpointList:  # fmt: skip
     return jobs.list_checkpoints(

@@ -17,7 +17,9 @@ router = APIRouter(tags=["inference"])
 async def _json_body(request: Request) -> Any:
     try:
         return await request.json()
-    except ValueError as exc:
+    except RecursionError as exc:  # json gives up on deep nesting with RecursionError, not ValueError
+        raise InvalidRequest("The request body is nested too deeply.") from exc
+    except ValueError as exc:  # also an integer of thousands of digits, and bytes that are not UTF-8
         raise InvalidRequest("The request body is not valid JSON.") from exc
 
 

@@ -7,9 +7,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service import models
 from service.deps import ProjectDep, RedisDep, SessionDep, SettingsDep
+from service.errors import GUARDED, documented
 from service.protocol import Model, ModelDeleted, ModelList
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=documented(*GUARDED))
 
 
 @router.get("/models")
@@ -17,12 +18,12 @@ def list_models(project: ProjectDep, session: SessionDep, settings: SettingsDep)
     return models.list_models(session=session, settings=settings, project=project)
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", responses=documented(404))
 def retrieve_model(model: str, project: ProjectDep, session: SessionDep, settings: SettingsDep) -> Model:
     return models.retrieve(session=session, settings=settings, project=project, model=model)
 
 
-@router.delete("/models/{model:path}")
+@router.delete("/models/{model:path}", responses=documented(403, 404))
 async def delete_model(model: str, project: ProjectDep, session: SessionDep, settings: SettingsDep,
                        redis: RedisDep) -> ModelDeleted:  # fmt: skip
     deleted, names = await run_in_threadpool(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.training_files import Report, read_lines, validate_jsonl
 
@@ -209,3 +212,125 @@ def test_huge_lines_are_cut_while_reading_and_reported() -> None:
     error = report.job_error(param="training_file", min_examples=1)
     assert error is not None and error["code"] == "invalid_file_format"
     assert list(read_lines(io.BytesIO(b"a\nb"), max_line_bytes=10)) == [b"a\n", b"b"]
+
+
+# --- lines that once raised instead of being reported -------------------------------------------------------
+ODD_LINES = [
+    # bad line, key, field
+    (msgs({"role": ["user"], "content": "Q"}, ASSISTANT), "unrecognized_role", "messages[0].role"),
+    (msgs({"role": {"a": 1}, "content": "Q"}, ASSISTANT), "unrecognized_role", "messages[0].role"),
+    (b"[" * 200000, "invalid_json", None),
+    (b"[" * 200000 + b"]" * 200000, "invalid_json", None),
+    (b'{"messages": [{"role": "user", "content": "Q", "weight": ' + b"7" * 6000 + b"}]}", "invalid_number",
+     "messages[0].weight"),
+    (b'{"x": [1, -' + b"7" * 6000 + b"]}", "invalid_number", "x[1]"),
+    (b"9" * 6000, "invalid_number", None),
+    (msgs(USER, {**ASSISTANT, "weight": [1]}), "invalid_weight", "messages[1].weight"),
+    (b'{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "weight": NaN}]}',
+     "invalid_json", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("bad", "key", "field"), ODD_LINES, ids=[f"{c[1]}-{i}" for i, c in enumerate(ODD_LINES)]
+)
+def test_odd_lines_are_problems_naming_line_and_field(bad: object, key: str, field: str | None) -> None:
+    report = validate_jsonl(lines_with(bad, at=2, total=3))
+    assert [(p.key, p.line, p.field) for p in report.problems] == [(key, 2, field)]
+    assert len(report.summary()) < 300  # a user's value is quoted short, whatever its size
+
+
+# --- properties: whatever the bytes, the outcome is a report ------------------------------------------------
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(TEXT, children, max_size=4),
+    max_leaves=12,
+)
+ROLE = st.sampled_from(["system", "user", "assistant", "tool", "developer"])
+MESSAGE = st.fixed_dictionaries({"role": ROLE, "content": TEXT.filter(bool)})
+ANSWER = st.fixed_dictionaries(
+    {"role": st.just("assistant"), "content": TEXT.filter(bool)}, optional={"weight": st.sampled_from([0, 1])}
+)
+CHAT = st.builds(
+    lambda before, answer: {"messages": [*before, answer]}, st.lists(MESSAGE, max_size=3), ANSWER
+)
+COMPLETION = st.fixed_dictionaries({"prompt": TEXT, "completion": TEXT.filter(bool)})
+PREFERENCE = st.builds(
+    lambda messages, good, bad: {"input": {"messages": messages}, "preferred_output": [good],
+                                 "non_preferred_output": [bad]},
+    st.lists(MESSAGE, min_size=1, max_size=3), ANSWER, ANSWER,
+)  # fmt: skip
+VALID = st.one_of(CHAT, COMPLETION, PREFERENCE)
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> Any:
+    """A valid example with one value somewhere inside replaced by any JSON value, or one key dropped or added."""
+    example = draw(VALID)
+    node = draw(st.sampled_from(_containers(example)))
+    keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+    action = draw(st.sampled_from(["replace", "drop", "add"] if keys else ["add"]))
+    if action == "add":
+        if isinstance(node, dict):
+            node[draw(TEXT)] = draw(JSON)
+        else:
+            node.append(draw(JSON))
+    elif action == "drop":
+        del node[draw(st.sampled_from(keys))]
+    else:
+        node[draw(st.sampled_from(keys))] = draw(JSON)
+    return example
+
+
+def _containers(value: Any) -> list[Any]:
+    found, stack = [], [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (dict, list)):
+            found.append(item)
+            stack += list(item.values() if isinstance(item, dict) else item)
+    return found
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+LINE = st.one_of(
+    VALID.map(encode),
+    mutated().map(encode),
+    JSON.map(encode),
+    st.binary(max_size=60),
+    st.integers(1, 3000).map(lambda n: b"[" * n),
+    st.integers(4000, 5000).map(lambda n: b'{"prompt": "a", "completion": ' + b"1" * n + b"}"),
+)
+
+
+def assert_reported(report: Report, lines: list[bytes]) -> None:
+    assert isinstance(report, Report)
+    for problem in report.problems:
+        assert 1 <= problem.line <= len(lines)
+        assert problem.describe().startswith(f"line {problem.line}")
+    assert isinstance(report.summary(), str)
+    if report.counts:
+        assert report.summary().startswith(f"line {report.problems[0].line}")
+        assert report.job_error(param="training_file", min_examples=1) is not None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(LINE, min_size=1, max_size=8))
+def test_any_lines_give_a_report_never_an_exception(lines: list[bytes]) -> None:
+    report = validate_jsonl(lines)
+    assert_reported(report, lines)
+    first = lines[0].removeprefix(b"\xef\xbb\xbf")  # a byte order mark on the first line is not content
+    assert report.n_examples == sum(1 for line in [first, *lines[1:]] if line.strip())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.lists(CHAT, min_size=1, max_size=5), st.lists(COMPLETION, min_size=1, max_size=5),
+                 st.lists(PREFERENCE, min_size=1, max_size=5)))  # fmt: skip
+def test_valid_files_of_one_format_pass(examples: list[dict]) -> None:
+    report = validate_jsonl([encode(e) + b"\n" for e in examples])
+    assert report.counts == {}, report.problems
+    assert report.n_examples == len(examples) and report.ok(min_examples=len(examples))

@@ -42,6 +42,7 @@ def service_settings(home: Path, redis_url: str, **overrides: object) -> Setting
         "redis_url": redis_url,
         "queue_name": f"tuneworks:test:{home.name}",
         "api_port": free_port(),
+        "api_metrics_port": free_port(),
         "base_models": TINY,
     }
     return Settings(**{**values, **overrides})

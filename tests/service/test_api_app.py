@@ -1,4 +1,4 @@
-"""The API process itself: /health, /ready, /metrics, the 500 envelope, and life without Redis."""
+"""The API process itself: /health, /ready, /metrics (on its own port), the 500 envelope, life without Redis."""
 
 from __future__ import annotations
 
@@ -26,17 +26,24 @@ def metric(text: str, name: str, **labels: str) -> float:
     return float(match.group(1))
 
 
+def metrics_text(server: ApiServer) -> str:
+    return httpx.get(f"http://127.0.0.1:{server.settings.api_metrics_port}/metrics", timeout=10).text
+
+
 def test_health_ready_and_metrics(server: ApiServer) -> None:
     root = server.base_url.removesuffix("/v1")
     assert httpx.get(f"{root}/health").status_code == 200
     ready = httpx.get(f"{root}/ready")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"database": True, "redis": True}
+    assert ready.status_code == 200 and ready.json() == {
+        "status": "ok",
+        "checks": {"database": True, "redis": True},
+    }
     with server.client() as client:
         file_id = client.files.create(file=chat_file(), purpose="fine-tune").id
         client.files.retrieve(file_id)
         client.fine_tuning.jobs.create(model=TINY, training_file=file_id)
         client.fine_tuning.jobs.create(model=TINY, training_file=file_id)
-    text = httpx.get(f"{root}/metrics").text
+    text = metrics_text(server)
     assert (
         metric(text, "ft_http_requests_total", method="GET", route="/v1/files/{file_id}", status="200") >= 1
     )
@@ -49,6 +56,41 @@ def test_health_ready_and_metrics(server: ApiServer) -> None:
     finally:
         connection.close()
     assert metric(text, "ft_files_uploaded_total", purpose="fine-tune", status="processed") >= 1
+
+
+def test_metrics_are_not_served_on_the_api_port(server: ApiServer) -> None:
+    """They name every project's models (drift series): only the metrics port, bound to FT_METRICS_HOST, has them."""
+    root = server.base_url.removesuffix("/v1")
+    assert httpx.get(f"{root}/metrics").status_code == 404
+    assert "ft_http_requests_total" in metrics_text(server)
+    assert server.settings.metrics_host == "127.0.0.1"
+
+
+def test_request_metric_labels_are_bounded(server: ApiServer) -> None:
+    """A made-up method is `other`, an unknown path `unmatched`; a request the guard refuses (401) still counts
+    under its route template."""
+    root = server.base_url.removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {server.key}"}
+    for method in ("PROPFIND", "PURGE", "MKCOL", "REPORT"):  # methods the HTTP parser lets through
+        response = httpx.request(method, f"{server.base_url}/files", headers=headers)
+        assert response.status_code in (400, 405), response.text
+    httpx.get(f"{root}/no/such/path/{secrets_token()}")
+    httpx.get(f"{server.base_url}/files/file-{secrets_token()}")  # no key: 401 before routing
+    text = metrics_text(server)
+    methods = set(re.findall(r'^ft_http_requests_total\{method="([^"]+)"', text, re.M))
+    assert methods <= {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other"}, methods
+    assert metric(text, "ft_http_requests_total", method="other", route="/v1/files", status="405") >= 4
+    assert metric(text, "ft_http_requests_total", method="GET", route="unmatched", status="404") >= 1
+    assert (
+        metric(text, "ft_http_requests_total", method="GET", route="/v1/files/{file_id}", status="401") >= 1
+    )
+    assert "/no/such/path" not in text and "file-" not in text
+
+
+def secrets_token() -> str:
+    import secrets
+
+    return secrets.token_hex(8)
 
 
 def test_unexpected_failure_is_a_logged_500_envelope(server: ApiServer) -> None:
@@ -74,13 +116,16 @@ def test_without_redis_jobs_are_committed_and_enqueued_once_it_is_back(tmp_path)
     redis_proc = None
     try:
         root = server.base_url.removesuffix("/v1")
-        down = httpx.get(f"{root}/ready")
-        assert down.status_code == 503 and down.json()["checks"] == {"database": True, "redis": False}
+        degraded = httpx.get(f"{root}/ready")  # files, jobs and completions work without Redis: still ready
+        assert degraded.status_code == 200 and degraded.json() == {
+            "status": "degraded",
+            "checks": {"database": True, "redis": False},
+        }
         with server.client() as client:
             file_id = client.files.create(file=chat_file(), purpose="fine-tune").id
             offline = client.fine_tuning.jobs.create(model=TINY, training_file=file_id)
             assert offline.status == "validating_files"
-            assert httpx.get(f"{root}/metrics").status_code == 200
+            assert "ft_jobs" in metrics_text(server)  # the queue depth is unknown, the rest is served
             redis_proc = start_redis(port, tmp_path)
             online = wait_until_enqueued(client, settings, file_id)
         engine_url = settings.resolved_database_url
@@ -92,7 +137,7 @@ def test_without_redis_jobs_are_committed_and_enqueued_once_it_is_back(tmp_path)
         engine.dispose()
         assert tokens[offline.id] is None  # left to the worker's reconciler
         assert tokens[online] is not None
-        assert httpx.get(f"{root}/ready").status_code == 200
+        assert httpx.get(f"{root}/ready").json()["status"] == "ok"
     finally:
         server.stop()
         if redis_proc is not None:

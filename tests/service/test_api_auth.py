@@ -50,6 +50,31 @@ def test_keys_cli_prints_one_line_hashes_and_revokes(server: ApiServer, db) -> N
     assert "invalid project name" in bad_name.value.stderr
 
 
+def test_keys_list_shows_no_secret_and_revoke_by_id_is_immediate(server: ApiServer) -> None:
+    key = tuneworks("keys", "create", "--project", "proj-by-id", settings=server.settings).stdout.strip()
+    other = tuneworks("keys", "create", "--project", "proj-by-id-2", settings=server.settings).stdout.strip()
+    listed = tuneworks("keys", "list", "--project", "proj-by-id", settings=server.settings).stdout
+    lines = [line.split("\t") for line in listed.splitlines()]
+    assert lines[0] == ["id", "project", "prefix", "created", "revoked"] and len(lines) == 2
+    key_id, project, prefix, created, revoked = lines[1]
+    assert key_id.startswith("key_") and project == "proj-by-id" and key.startswith(prefix)
+    assert created.endswith("Z") and revoked == "-"
+    everything = tuneworks("keys", "list", settings=server.settings).stdout
+    assert key not in everything and other not in everything and "proj-by-id-2" in everything
+    with server.client(key) as client:
+        assert client.files.list().object == "list"
+        assert tuneworks("keys", "revoke", "--id", key_id, settings=server.settings).returncode == 0
+        with pytest.raises(openai.AuthenticationError):  # no cache: refused from the next request on
+            client.files.list()
+    after = tuneworks("keys", "list", "--project", "proj-by-id", settings=server.settings).stdout
+    assert after.splitlines()[1].split("\t")[4].endswith("Z")
+    with pytest.raises(subprocess.CalledProcessError) as again:
+        tuneworks("keys", "revoke", "--id", key_id, settings=server.settings)
+    assert again.value.returncode == 1
+    with server.client(other) as client:
+        assert client.files.list().object == "list"
+
+
 def test_other_projects_objects_are_404(server: ApiServer, db) -> None:  # type: ignore[no-untyped-def]
     with server.client() as owner, server.client(server.new_key("proj-other")) as other:
         file_id = owner.files.create(file=chat_file(), purpose="fine-tune").id

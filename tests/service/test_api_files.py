@@ -120,7 +120,15 @@ BAD_FILES = [
         "line 1, messages[0].extra: unrecognized `extra`",
     ),  # fmt: skip
     (b"\n\n", "The file has no examples."),
-]
+    # Once 500s: an unhashable role, nesting deeper than the parser's stack, an integer Python will not convert.
+    (jsonl([chat_example(0), {"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]}]),
+     "line 2, messages[0].role: unrecognized role an array"),
+    (jsonl([{"messages": [{"role": {"x": 1}, "content": "q"}, {"role": "assistant", "content": "a"}]}]),
+     "line 1, messages[0].role: unrecognized role an object"),
+    (chat_file(1) + b"[" * 200000 + b"\n", "line 2: not valid JSON (nested too deeply)"),
+    (chat_file(1) + b'{"messages": [{"role": "user", "content": "q", "weight": ' + b"9" * 6000 + b"}]}\n",
+     "line 2, messages[0].weight: an integer with more than 4300 digits"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("data", "details"), BAD_FILES)
@@ -159,6 +167,23 @@ def test_bad_form_fields_are_400_with_param(server: ApiServer, client) -> None: 
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
     assert len(client.files.list().data) == before
     assert not any(p.name.startswith(".tmp-") for p in (server.settings.artifacts_dir / "files").iterdir())
+
+
+def test_odd_form_values_are_400_or_cleaned(server: ApiServer, client) -> None:  # type: ignore[no-untyped-def]
+    headers = {"Authorization": f"Bearer {server.key}"}
+    data = {"purpose": "fine-tune", "expires_after[anchor]": "created_at", "expires_after[seconds]": "\u00b2"}
+    response = httpx.post(f"{server.base_url}/files", headers=headers, files={"file": ("a", b"x")}, data=data)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "expires_after.seconds"
+    boundary = "b0"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a\x00b\x01.jsonl"\r\n\r\n{{}}\n\r\n'
+        f"--{boundary}--\r\n"
+    ).encode()
+    response = httpx.post(f"{server.base_url}/files", content=body,
+                          headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    assert response.status_code == 200 and response.json()["filename"] == "ab.jsonl"
+    assert client.files.retrieve(response.json()["id"]).filename == "ab.jsonl"
 
 
 def test_file_used_by_an_unfinished_job_cannot_be_deleted(client, training_file: str) -> None:  # type: ignore[no-untyped-def]
@@ -231,6 +256,19 @@ def test_idempotency_key_returns_the_first_upload(server: ApiServer) -> None:
         )
     stored = {p.name for p in (server.settings.artifacts_dir / "files").iterdir()}
     assert first.id in stored and not any(name.startswith(".tmp-") for name in stored)
+
+
+def test_idempotency_key_of_a_deleted_file_uploads_anew(server: ApiServer) -> None:
+    """The key's file is gone, so a retry would hand back an id nobody can use: it creates a new file instead."""
+    with server.client(server.new_key("proj-idem-deleted")) as client:
+        headers = {"Idempotency-Key": "upload-then-delete"}
+        first = client.files.create(file=chat_file(10), purpose="fine-tune", extra_headers=headers)
+        client.files.delete(first.id)
+        retry = client.files.create(file=chat_file(10), purpose="fine-tune", extra_headers=headers)
+        assert retry.id != first.id and client.files.retrieve(retry.id).status == "processed"
+        again = client.files.create(file=chat_file(10), purpose="fine-tune", extra_headers=headers)
+        assert again.id == retry.id  # the key now belongs to the new file
+        assert [f.id for f in client.files.list()] == [retry.id]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

@@ -14,7 +14,7 @@ import pytest
 from sqlmodel import Session
 
 from core.job_status import JobStatus, add_event, transition
-from core.tables import CheckpointRow, JobRow
+from core.tables import CheckpointRow, JobRow, ModelRow
 from tests.conftest import ApiServer
 from tests.service.conftest import chat_file
 
@@ -128,6 +128,7 @@ INVALID = [
     ({"suffix": "x" * 65}, "suffix"),
     ({"suffix": "a:b"}, "suffix"),
     ({"suffix": ""}, "suffix"),
+    ({"suffix": "abc\n"}, "suffix"),  # `$` in a pattern would let the newline through
     (sup(n_epochs=0), f"{HP}.n_epochs"),
     (sup(n_epochs=51), f"{HP}.n_epochs"),
     (sup(n_epochs=2.5), f"{HP}.n_epochs"),
@@ -334,6 +335,29 @@ def test_checkpoints_newest_first_with_cursors(db, client, training_file: str) -
     assert checkpoint.metrics.train_loss == 0.5 and checkpoint.fine_tuned_model_checkpoint.endswith(
         "ckpt-step-30"
     )
+
+
+def test_checkpoints_of_a_deleted_model_are_not_listed(db, client, training_file: str) -> None:  # type: ignore[no-untyped-def]
+    job = client.fine_tuning.jobs.create(model=TINY, training_file=training_file, suffix="gone")
+    name = f"ft:{TINY}:proj-test:gone:{job.id[6:]}"
+    with Session(db) as session:
+        project_id = session.get(JobRow, _pk(db, job.id)).project_id  # type: ignore[union-attr]
+        for step in (10, 20, None):
+            model_id = name if step is None else f"{name}:ckpt-step-{step}"
+            session.add(ModelRow(id=model_id, project_id=project_id, job_id=job.id, base_model=TINY,
+                                 storage_key=f"jobs/{job.id}/x", checkpoint_step=step))  # fmt: skip
+            if step is not None:
+                session.add(CheckpointRow(
+                    id=f"ftckpt-{job.id[6:]}{step}", job_id=job.id, project_id=project_id, step_number=step,
+                    fine_tuned_model_checkpoint=model_id, storage_key=f"jobs/{job.id}/checkpoints/{step}",
+                ))  # fmt: skip
+        session.commit()
+    listed = lambda: [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)]  # noqa: E731
+    assert listed() == [20, 10]
+    client.models.delete(f"{name}:ckpt-step-20")  # one checkpoint's model
+    assert listed() == [10]
+    client.models.delete(name)  # the final model takes its checkpoints with it
+    assert listed() == []
 
 
 def test_unknown_job_is_404(client) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from sqlmodel import Session, select
@@ -121,3 +122,33 @@ def test_api_flow_on_postgresql(postgres_url: str, redis_url: str, tmp_path: Pat
     finally:
         server.stop()
         engine.dispose()
+
+
+@pytest.mark.timeout(120)
+def test_nul_characters_never_reach_postgresql(postgres_url: str, redis_url: str, tmp_path: Path) -> None:
+    """PostgreSQL text refuses NUL (a DataError, once a 500): the API answers 400 naming the parameter first."""
+    settings = service_settings(tmp_path / "home", redis_url, database_url=postgres_url)
+    server = ApiServer(settings, tmp_path / "api.log")
+    headers = {"Authorization": f"Bearer {server.key}"}
+    try:
+        cases = [
+            ("GET", "/files/file-%00", None, "file_id"),
+            ("GET", "/fine_tuning/jobs/ftjob-%00/checkpoints", None, "fine_tuning_job_id"),
+            ("GET", "/fine_tuning/jobs?after=ftjob-%00", None, "after"),
+            ("GET", "/fine_tuning/jobs?metadata%5Bteam%5D=%00", None, "metadata"),
+            ("DELETE", "/models/ft:x%00", None, "model"),
+            ("POST", "/fine_tuning/jobs", {"model": TINY, "training_file": "file-\x00"}, "training_file"),
+        ]
+        for method, path, body, param in cases:
+            response = httpx.request(method, server.base_url + path, headers=headers, json=body)
+            assert response.status_code == 400, (path, response.text)
+            assert response.json()["error"]["param"] == param
+        body = (
+            b'--b0\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--b0\r\nContent-Disposition: form-data; name="file"; filename="a\x00.jsonl"\r\n\r\n{}\n\r\n--b0--\r\n'
+        )  # a raw NUL in the filename (httpx would percent-encode it)
+        multipart = {**headers, "Content-Type": "multipart/form-data; boundary=b0"}
+        upload = httpx.post(server.base_url + "/files", headers=multipart, content=body)
+        assert upload.status_code == 200 and upload.json()["filename"] == "a.jsonl"
+    finally:
+        server.stop()
