@@ -16,13 +16,23 @@ from core import tables  # noqa: F401  (registers the tables on SQLModel.metadat
 logger = logging.getLogger(__name__)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL and a long busy timeout so API, worker and serve can share it."""
+def make_engine(url: str, *, connections: int = 16) -> Engine:
+    """An engine for `url` whose pool holds up to `connections` connections (the API sizes it to its threads).
+
+    SQLite gets WAL (readers never wait for the writer) and a long busy timeout so API, worker and serve can share
+    one file; PostgreSQL keeps a quarter of the pool open and checks a connection before use.
+    """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 60},
+            pool_size=connections,
+            max_overflow=0,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    keep = max(2, connections // 4)
+    return create_engine(url, pool_pre_ping=True, pool_size=keep, max_overflow=connections - keep)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

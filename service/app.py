@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +37,7 @@ from core.job_status import JobStatus
 from core.settings import Settings
 from core.storage import ArtifactStore
 from core.tables import JobRow
-from service.deps import connect_redis
+from service.deps import Database, connect_redis
 from service.errors import APIError, envelope
 from service.limits import RateLimiter
 from service.middleware import RequestContextMiddleware, RequestGuardMiddleware
@@ -104,7 +105,11 @@ def _add_routes(app: FastAPI) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    app.state.engine = make_engine(settings.resolved_database_url)
+    # Every blocking call (a database session, validation) runs on one of `api_threads` threads and uses at most
+    # one connection at a time, so a pool of that size never makes a thread wait for a connection.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+    app.state.engine = make_engine(settings.resolved_database_url, connections=settings.api_threads + 4)
+    app.state.database = Database(app.state.engine)
     await run_in_threadpool(init_db, app.state.engine)
     app.state.store = ArtifactStore(settings.artifacts_dir)
     app.state.redis = await connect_redis(settings)

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from arq.connections import ArqRedis
 from fastapi import Depends, Header, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from core import queue
 from core.settings import Settings
@@ -25,6 +27,7 @@ from service.keys import authenticate_key
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 REDIS_RETRY_SECONDS = 5.0  # while Redis is down, try to connect again at most this often
 
 
@@ -40,9 +43,30 @@ def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with Session(request.app.state.engine, expire_on_commit=False) as session:
-        yield session
+class Database:
+    """The API's way to the database: each call runs in a worker thread, in a session opened and closed there.
+
+    No session (and so no pooled connection) is ever held across an `await`. A request that kept one while it
+    waited for a thread, for response serialisation or for the rest of an upload could, at 64 concurrent
+    clients, leave every connection with requests waiting for threads and every thread with requests waiting
+    for connections: the 30 s pool timeouts measured before this class existed.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def run(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        """`fn(session=<a new session>, **kwargs)` in a worker thread; the session is closed before returning."""
+        return await run_in_threadpool(self.call, fn, **kwargs)
+
+    def call(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        """The same, in the calling thread (for code that already runs in a worker thread)."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            return fn(session=session, **kwargs)
+
+
+def get_database(request: Request) -> Database:
+    return request.app.state.database
 
 
 async def connect_redis(settings: Settings) -> ArqRedis | None:
@@ -53,8 +77,19 @@ async def connect_redis(settings: Settings) -> ArqRedis | None:
     try:
         return await queue.connect(settings.resolved_redis_url, settings=redis_settings)
     except Exception as exc:  # redis-py raises its own ConnectionError, not a subclass of OSError
-        logger.warning("redis %s: not reachable (%s); will retry", settings.resolved_redis_url, exc)
+        logger.warning(
+            "redis %s: not reachable (%s); will retry", _without_password(settings.resolved_redis_url), exc
+        )
         return None
+
+
+def _without_password(url: str) -> str:
+    """`redis://:secret@host:6379/0` -> `redis://:***@host:6379/0`, for logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def get_redis(request: Request) -> ArqRedis | None:
@@ -105,7 +140,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 RedisDep = Annotated[ArqRedis | None, Depends(get_redis)]
-SessionDep = Annotated[Session, Depends(get_session)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
 ProjectDep = Annotated[Project, Depends(authenticate)]
 IdempotencyKeyDep = Annotated[
     str | None, Header(alias="Idempotency-Key")

@@ -18,7 +18,6 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
-from starlette.concurrency import run_in_threadpool
 
 from core import metrics
 from core.ids import new_id, now
@@ -28,6 +27,7 @@ from core.store_keys import file_key
 from core.tables import FileRow, JobRow
 from core.training_files import read_lines, validate_jsonl
 from service import idempotency, pagination
+from service.deps import Database
 from service.errors import APIError, InvalidRequest, PayloadTooLarge, not_found
 from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
 
@@ -170,7 +170,7 @@ def boundary_of(content_type: str) -> bytes:
 
 async def upload(
     *,
-    session: Session,
+    db: Database,
     store: ArtifactStore,
     project_id: str,
     content_type: str,
@@ -181,7 +181,7 @@ async def upload(
     """Store an uploaded file and validate it when its purpose is `fine-tune`.
 
     Args:
-        session: database session.
+        db: the database (each step in its own short session: none is held while the body streams in).
         store: artifact store that receives the bytes under `files/<file id>`.
         project_id: owner of the file.
         content_type: the request's `Content-Type` (multipart boundary).
@@ -197,7 +197,7 @@ async def upload(
         PayloadTooLarge: the file is over `limit` bytes (nothing is kept).
     """
     key = idempotency.check_key(idempotency_key)
-    earlier = await run_in_threadpool(_earlier_upload, session, project_id=project_id, key=key)
+    earlier = await db.run(_earlier_upload, project_id=project_id, key=key)
     if earlier is not None:
         async for _ in stream:  # a retry: its body is not needed
             pass
@@ -213,7 +213,7 @@ async def upload(
     )  # fmt: skip
     row.expires_at = expires_at(row.created_at)
     # Validation and the database write block, so they run off the event loop.
-    return await run_in_threadpool(_register, session=session, store=store, row=row, idempotency_key=key)
+    return await db.run(_register, store=store, row=row, idempotency_key=key)
 
 
 def _register(
@@ -244,7 +244,7 @@ def _register(
     return to_openai(row)
 
 
-def _earlier_upload(session: Session, *, project_id: str, key: str | None) -> FileObject | None:
+def _earlier_upload(*, session: Session, project_id: str, key: str | None) -> FileObject | None:
     """The file an earlier upload with `key` created, while it still exists. Once it is deleted or expired the
     key is free again (its row goes), so the retry uploads anew instead of returning a file nobody can use."""
     file_id = idempotency.find(session, project_id=project_id, kind="file", key=key)

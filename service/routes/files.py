@@ -6,10 +6,9 @@ from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
 
 from service import files
-from service.deps import IdempotencyKeyDep, ProjectDep, SessionDep, SettingsDep, StoreDep
+from service.deps import DatabaseDep, IdempotencyKeyDep, ProjectDep, SettingsDep, StoreDep
 from service.errors import GUARDED, documented
 from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
 
@@ -36,36 +35,36 @@ _UPLOAD_BODY = {  # documents the multipart body that `files.upload` parses itse
 
 
 @router.post("/files", openapi_extra={"requestBody": _UPLOAD_BODY})
-async def create_file(request: Request, project: ProjectDep, session: SessionDep, store: StoreDep,
+async def create_file(request: Request, project: ProjectDep, db: DatabaseDep, store: StoreDep,
                       settings: SettingsDep, idempotency_key: IdempotencyKeyDep = None) -> FileObject:  # fmt: skip
     return await files.upload(
-        session=session, store=store, project_id=project.id, content_type=request.headers.get("content-type", ""),
+        db=db, store=store, project_id=project.id, content_type=request.headers.get("content-type", ""),
         stream=request.stream(), limit=settings.max_upload_bytes, idempotency_key=idempotency_key,
     )  # fmt: skip
 
 
 @router.get("/files")
-def list_files(
+async def list_files(
     project: ProjectDep,
-    session: SessionDep,
+    db: DatabaseDep,
     purpose: str | None = None,
     limit: int = Query(10000, ge=1, le=10000),
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
 ) -> FileList:
-    return files.list_files(
-        session=session, project_id=project.id, purpose=purpose, limit=limit, order=order, after=after
+    return await db.run(
+        files.list_files, project_id=project.id, purpose=purpose, limit=limit, order=order, after=after
     )
 
 
 @router.get("/files/{file_id}", responses=documented(404))
-def retrieve_file(file_id: str, project: ProjectDep, session: SessionDep) -> FileObject:
-    return files.retrieve(session=session, project_id=project.id, file_id=file_id)
+async def retrieve_file(file_id: str, project: ProjectDep, db: DatabaseDep) -> FileObject:
+    return await db.run(files.retrieve, project_id=project.id, file_id=file_id)
 
 
 @router.get("/files/{file_id}/content", responses=documented(404))
-def file_content(file_id: str, project: ProjectDep, session: SessionDep, store: StoreDep) -> FileResponse:
-    row, path = files.content(session=session, store=store, project_id=project.id, file_id=file_id)
+async def file_content(file_id: str, project: ProjectDep, db: DatabaseDep, store: StoreDep) -> FileResponse:
+    row, path = await db.run(files.content, store=store, project_id=project.id, file_id=file_id)
     media_type = "text/csv" if row.purpose == "fine-tune-results" else "application/octet-stream"
     return FileResponse(
         path, media_type=media_type, filename=row.filename, content_disposition_type="attachment"
@@ -73,7 +72,5 @@ def file_content(file_id: str, project: ProjectDep, session: SessionDep, store: 
 
 
 @router.delete("/files/{file_id}", responses=documented(404))
-async def delete_file(file_id: str, project: ProjectDep, session: SessionDep, store: StoreDep) -> FileDeleted:
-    return await run_in_threadpool(
-        files.delete, session=session, store=store, project_id=project.id, file_id=file_id
-    )
+async def delete_file(file_id: str, project: ProjectDep, db: DatabaseDep, store: StoreDep) -> FileDeleted:
+    return await db.run(files.delete, store=store, project_id=project.id, file_id=file_id)

@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core import queue
 from service import jobs
-from service.deps import EngineDep, IdempotencyKeyDep, ProjectDep, RedisDep, SessionDep, SettingsDep
+from service.deps import DatabaseDep, EngineDep, IdempotencyKeyDep, ProjectDep, RedisDep, SettingsDep
 from service.errors import GUARDED, InvalidRequest, documented
 from service.protocol import (
     FineTuningJob,
@@ -39,11 +39,11 @@ async def create_job(body: JobCreateRequest, project: ProjectDep, engine: Engine
 
 
 @router.get("")
-def list_jobs(request: Request, project: ProjectDep, session: SessionDep, after: str | None = None,
-              limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:  # fmt: skip
+async def list_jobs(request: Request, project: ProjectDep, db: DatabaseDep, after: str | None = None,
+                    limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:  # fmt: skip
     metadata, metadata_null = _metadata_filter(request)
-    return jobs.list_jobs(
-        session=session,
+    return await db.run(
+        jobs.list_jobs,
         project_id=project.id,
         after=after,
         limit=limit,
@@ -64,18 +64,22 @@ def _metadata_filter(request: Request) -> tuple[dict[str, str], bool]:
 
 
 @router.get("/{fine_tuning_job_id}", responses=documented(404))
-def retrieve_job(fine_tuning_job_id: str, project: ProjectDep, session: SessionDep) -> FineTuningJob:
-    return jobs.retrieve(session=session, project_id=project.id, job_id=fine_tuning_job_id)
+async def retrieve_job(fine_tuning_job_id: str, project: ProjectDep, db: DatabaseDep) -> FineTuningJob:
+    return await db.run(jobs.retrieve, project_id=project.id, job_id=fine_tuning_job_id)
 
 
 @router.post("/{fine_tuning_job_id}/cancel", responses=documented(404))
-def cancel_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep) -> FineTuningJob:
-    return jobs.to_openai(jobs.cancel(engine=engine, project_id=project.id, job_id=fine_tuning_job_id))
+async def cancel_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep) -> FineTuningJob:
+    row = await run_in_threadpool(
+        jobs.cancel, engine=engine, project_id=project.id, job_id=fine_tuning_job_id
+    )
+    return jobs.to_openai(row)
 
 
 @router.post("/{fine_tuning_job_id}/pause", responses=documented(404))
-def pause_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep) -> FineTuningJob:
-    return jobs.to_openai(jobs.pause(engine=engine, project_id=project.id, job_id=fine_tuning_job_id))
+async def pause_job(fine_tuning_job_id: str, project: ProjectDep, engine: EngineDep) -> FineTuningJob:
+    row = await run_in_threadpool(jobs.pause, engine=engine, project_id=project.id, job_id=fine_tuning_job_id)
+    return jobs.to_openai(row)
 
 
 @router.post("/{fine_tuning_job_id}/resume", responses=documented(404))
@@ -89,16 +93,17 @@ async def resume_job(fine_tuning_job_id: str, project: ProjectDep, engine: Engin
 
 
 @router.get("/{fine_tuning_job_id}/events", responses=documented(404))
-def list_events(fine_tuning_job_id: str, project: ProjectDep, session: SessionDep, after: str | None = None,
-                limit: int = Query(20, ge=1, le=100)) -> FineTuningJobEventList:  # fmt: skip
-    return jobs.list_events(
-        session=session, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
+async def list_events(fine_tuning_job_id: str, project: ProjectDep, db: DatabaseDep, after: str | None = None,
+                      limit: int = Query(20, ge=1, le=100)) -> FineTuningJobEventList:  # fmt: skip
+    return await db.run(
+        jobs.list_events, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
     )
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", responses=documented(404))
-def list_checkpoints(fine_tuning_job_id: str, project: ProjectDep, session: SessionDep, after: str | None = None,
-                     limit: int = Query(10, ge=1, le=100)) -> FineTuningJobCheckpointList:  # fmt: skip
-    return jobs.list_checkpoints(
-        session=session, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
+async def list_checkpoints(fine_tuning_job_id: str, project: ProjectDep, db: DatabaseDep,
+                           after: str | None = None,
+                           limit: int = Query(10, ge=1, le=100)) -> FineTuningJobCheckpointList:  # fmt: skip
+    return await db.run(
+        jobs.list_checkpoints, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
     )

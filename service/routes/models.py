@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from starlette.concurrency import run_in_threadpool
 
 from service import models
-from service.deps import ProjectDep, RedisDep, SessionDep, SettingsDep
+from service.deps import DatabaseDep, ProjectDep, RedisDep, SettingsDep
 from service.errors import GUARDED, documented
 from service.protocol import Model, ModelDeleted, ModelList
 
@@ -14,20 +13,18 @@ router = APIRouter(tags=["models"], responses=documented(*GUARDED))
 
 
 @router.get("/models")
-def list_models(project: ProjectDep, session: SessionDep, settings: SettingsDep) -> ModelList:
-    return models.list_models(session=session, settings=settings, project=project)
+async def list_models(project: ProjectDep, db: DatabaseDep, settings: SettingsDep) -> ModelList:
+    return await db.run(models.list_models, settings=settings, project=project)
 
 
 @router.get("/models/{model:path}", responses=documented(404))
-def retrieve_model(model: str, project: ProjectDep, session: SessionDep, settings: SettingsDep) -> Model:
-    return models.retrieve(session=session, settings=settings, project=project, model=model)
+async def retrieve_model(model: str, project: ProjectDep, db: DatabaseDep, settings: SettingsDep) -> Model:
+    return await db.run(models.retrieve, settings=settings, project=project, model=model)
 
 
 @router.delete("/models/{model:path}", responses=documented(403, 404))
-async def delete_model(model: str, project: ProjectDep, session: SessionDep, settings: SettingsDep,
+async def delete_model(model: str, project: ProjectDep, db: DatabaseDep, settings: SettingsDep,
                        redis: RedisDep) -> ModelDeleted:  # fmt: skip
-    deleted, names = await run_in_threadpool(
-        models.delete, session=session, settings=settings, project=project, model=model
-    )
+    deleted, names = await db.run(models.delete, settings=settings, project=project, model=model)
     await models.announce_deleted(redis, names)
     return deleted
