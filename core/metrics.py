@@ -25,7 +25,9 @@ FILES_UPLOADED = Counter(
     "ft_files_uploaded_total", "Files uploaded, by purpose and status.", ["purpose", "status"]
 )
 UPLOAD_BYTES = Counter("ft_upload_bytes_total", "Bytes received in file uploads.")
-HTTP_IN_FLIGHT = Gauge("ft_http_requests_in_flight", "HTTP requests the API is answering right now.")
+HTTP_IN_FLIGHT = Gauge(
+    "ft_http_requests_in_flight", "HTTP requests the API is answering right now.", multiprocess_mode="livesum"
+)
 
 # --- jobs and queue ----------------------------------------------------------------------------------------
 JOBS_CREATED = Counter("ft_jobs_created_total", "Fine-tuning jobs created.", ["base_model"])
@@ -122,10 +124,14 @@ DRIFT_SCORE = Gauge(
     "ft_drift_score",
     "Jensen-Shannon divergence (base 2, 0..1) between recent prompts and the model's training prompts.",
     ["model"],
+    multiprocess_mode="livemostrecent",
 )
 DRIFT_OOD_RATIO = Gauge(
     "ft_drift_out_of_distribution_ratio",
     "Share of recent prompts whose length or vocabulary lies outside the training data's range.",
     ["model"],
+    multiprocess_mode="livemostrecent",
 )
-DRIFT_WINDOW = Gauge("ft_drift_window_prompts", "Prompts in the drift window.", ["model"])
+DRIFT_WINDOW = Gauge(
+    "ft_drift_window_prompts", "Prompts in the drift window.", ["model"], multiprocess_mode="livemostrecent"
+)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from prometheus_client import REGISTRY, CollectorRegistry, start_wsgi_server
+from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_wsgi_server
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, text
 from sqlmodel import Session, select
@@ -43,6 +46,8 @@ from service.limits import RateLimiter
 from service.middleware import RequestContextMiddleware, RequestGuardMiddleware
 
 logger = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode (FT_API_WORKERS > 1)
 
 _HTTP_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error"}
 
@@ -115,7 +120,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.redis = await connect_redis(settings)
     app.state.redis_tried_at = time.monotonic()
     logger.info("api ready: database %s, redis %s", app.state.engine.url.render_as_string(), app.state.redis)
-    metrics_server = _start_metrics_server(settings, app.state.engine)
+    # With several uvicorn workers, the supervisor serves every worker's metrics (see `run_api`).
+    multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+    metrics_server = None if multiprocess else _start_metrics_server(settings, app.state.engine)
     try:
         yield
     finally:
@@ -216,37 +223,43 @@ async def _redis_ok(request: Request) -> bool:
 
 
 class _ScrapeTime(Collector):
-    """The process's metrics, with the job and queue gauges read from the database and Redis first (each scrape,
-    in the metrics server's thread)."""
+    """The job and queue gauges, read from the database and Redis at each scrape (in the metrics server's thread),
+    followed by `source`: this process's registry, or every worker's metrics in multiprocess mode."""
 
-    def __init__(self, settings: Settings, engine: Any) -> None:
-        self.engine, self.settings = engine, settings
+    def __init__(self, settings: Settings, engine: Any, source: Any = REGISTRY) -> None:
+        self.engine, self.settings, self.source = engine, settings, source
 
     def collect(self) -> Any:
         import redis  # the synchronous client: this runs in the metrics server's thread, not the event loop
 
+        jobs = GaugeMetricFamily("ft_jobs", metrics.JOBS_BY_STATUS._documentation, labels=["status"])
         try:
             counts = _job_counts(self.engine)
             for status in JobStatus:
-                metrics.JOBS_BY_STATUS.labels(status=status.value).set(counts.get(status.value, 0))
+                jobs.add_metric([status.value], counts.get(status.value, 0))
         except Exception as exc:
             logger.warning("metrics: job counts unavailable: %s", exc)
+        depth = GaugeMetricFamily("ft_queue_depth", metrics.QUEUE_DEPTH._documentation)
         try:
             url = self.settings.resolved_redis_url
             with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
-                metrics.QUEUE_DEPTH.set(cast(int, client.zcard(self.settings.queue_name)))
+                depth.add_metric([], cast(int, client.zcard(self.settings.queue_name)))
         except Exception as exc:
             logger.warning("metrics: queue depth unavailable: %s", exc)
-        yield from REGISTRY.collect()
+        yield jobs
+        yield depth
+        for family in self.source.collect():
+            if family.name not in {"ft_jobs", "ft_queue_depth"}:  # declared for the docs; read above instead
+                yield family
 
 
-def _start_metrics_server(settings: Settings, engine: Any) -> Any:
+def _start_metrics_server(settings: Settings, engine: Any, source: Any = REGISTRY) -> Any:
     """prometheus_client's HTTP server on `metrics_host:api_metrics_port` (None when off or the port is taken:
     the API serves on without it, and says so)."""
     if not settings.api_metrics_port:
         return None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ScrapeTime(settings, engine))
+    registry.register(_ScrapeTime(settings, engine, source))
     try:
         server, _ = start_wsgi_server(
             settings.api_metrics_port, addr=settings.metrics_host, registry=registry
@@ -274,10 +287,14 @@ def _app_from_env() -> FastAPI:
 
 
 def run_api(settings: Settings) -> int:
-    """`tuneworks api`: create or upgrade the schema once, then serve with uvicorn. Returns the exit code."""
+    """`tuneworks api`: create or upgrade the schema once, then serve with uvicorn. Returns the exit code.
+
+    With `api_workers > 1` the worker processes write their metrics to files in a folder of FT_HOME
+    (prometheus_client's multiprocess mode, set up before any worker imports it) and this supervising process
+    serves their sum on the metrics port, so counters and histograms add up across workers.
+    """
     engine = make_engine(settings.resolved_database_url)
     init_db(engine)
-    engine.dispose()
     common: dict[str, Any] = {
         "host": settings.api_host,
         "port": settings.api_port,
@@ -285,8 +302,21 @@ def run_api(settings: Settings) -> int:
         "proxy_headers": True,
         "timeout_graceful_shutdown": 10,
     }
-    if settings.api_workers > 1:
-        uvicorn.run("service.app:_app_from_env", factory=True, workers=settings.api_workers, **common)
-    else:
+    if settings.api_workers <= 1:
+        engine.dispose()
         uvicorn.run(create_app(settings), **common)
+        return 0
+    folder = settings.home_dir / "prometheus" / f"api-{settings.api_port}"
+    shutil.rmtree(folder, ignore_errors=True)  # the files of an earlier run would be counted again
+    folder.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(folder)  # inherited by the worker processes uvicorn spawns
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(folder))
+    server = _start_metrics_server(settings, engine, source=registry)
+    try:
+        uvicorn.run("service.app:_app_from_env", factory=True, workers=settings.api_workers, **common)
+    finally:
+        if server is not None:
+            server.shutdown()
+        engine.dispose()
     return 0
