@@ -226,6 +226,20 @@ class Settings(BaseSettings):
         return f"http://{self.vllm_host}:{self.vllm_base_port + served.index(base_model)}"
 
 
+def env_table() -> str:
+    """The `FT_*` settings as the Markdown table of the README (a test keeps the two equal)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if field.default is None:
+            default = "(unset)"
+        elif field.default == "":
+            default = "(empty)"
+        else:
+            default = f"`{field.default}`"
+        lines.append(f"| `FT_{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(lines)
+
+
 def env_help() -> str:
     """The `FT_*` settings as text, for `--help`."""
     lines = ["settings (environment variables):"]
@@ -233,3 +247,7 @@ def env_help() -> str:
         default = field.default if field.default is not None else "(unset)"
         lines.append(f"  FT_{name.upper():<28} {field.description} [default: {default}]")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `python -m core.settings`: print the README's settings table
+    print(env_table())

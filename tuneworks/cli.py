@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         "list", help="list keys: id, project, prefix, created, revoked (never the secret)"
     )
     listing.add_argument("--project", help="only the keys of this project")
+    sub.add_parser(
+        "drill",
+        help="fault drill: kill worker, Redis, vLLM and API of a fresh `up` at random while jobs train, then "
+        "report jobs lost, duplicates and recovery times (`tuneworks drill --help`)",
+        add_help=False,
+    )
     models = sub.add_parser("models", help="list or prepare base models").add_subparsers(
         dest="models_command", required=True
     )
@@ -51,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["drill"]:  # its own options: `tuneworks drill --help`
+        from tuneworks import drill
+
+        return drill.main(argv[1:])
     args = _parser().parse_args(argv)
     settings = Settings()
     logging.basicConfig(
