@@ -47,7 +47,12 @@ test: lint typecheck pytest
 demo: install
 	FT_HOME=$(FT_DEMO_HOME) $(PY) -m tuneworks.demo
 
+# bench/api_latency.py drives the API with Debian's wrk (and uploads with curl): installed only when missing.
+BENCH_PKGS = $(if $(shell command -v wrk),,wrk) $(if $(shell command -v curl),,curl)
 bench: install
+	@if [ -n "$(strip $(BENCH_PKGS))" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BENCH_PKGS) >/dev/null; \
+	fi
 	$(PY) bench/run.py
 
 clean:
