@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         description="Port of the API's Prometheus /metrics (0 = off); not served on the API port.",
     )
     api_workers: int = Field(default=1, description="uvicorn worker processes (use >1 only with PostgreSQL).")
+    auth_cache_seconds: float = Field(
+        default=2.0,
+        description="How long the API trusts a key it has checked; a revoked key stops working within this many "
+        "seconds (0 = look every key up on every request).",
+    )
     api_threads: int = Field(
         default=40,
         description="Threads of each API process for blocking work (database, validation); its connection pool "

@@ -40,7 +40,7 @@ from core.job_status import JobStatus
 from core.settings import Settings
 from core.storage import ArtifactStore
 from core.tables import JobRow
-from service.deps import Database, connect_redis
+from service.deps import Database, KeyCache, connect_redis
 from service.errors import APIError, envelope
 from service.limits import RateLimiter
 from service.middleware import RequestContextMiddleware, RequestGuardMiddleware
@@ -115,6 +115,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     app.state.engine = make_engine(settings.resolved_database_url, connections=settings.api_threads + 4)
     app.state.database = Database(app.state.engine)
+    app.state.key_cache = KeyCache(ttl=settings.auth_cache_seconds)
     await run_in_threadpool(init_db, app.state.engine)
     app.state.store = ArtifactStore(settings.artifacts_dir)
     app.state.redis = await connect_redis(settings)

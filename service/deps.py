@@ -1,12 +1,16 @@
 """FastAPI dependencies, each an `Annotated` alias: settings, database, artifact store, Redis, the caller's project.
 
-The resources are created once by the app's lifespan (`app.py`) and kept on `app.state`.
+The resources are created once by the app's lifespan (`app.py`) and kept on `app.state`. Every dependency is
+`async def`: FastAPI runs a plain `def` dependency on a worker thread, and a thread hop per dependency per request
+cost more than the request's own database query.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated, Any, TypeVar
@@ -31,15 +35,15 @@ T = TypeVar("T")
 REDIS_RETRY_SECONDS = 5.0  # while Redis is down, try to connect again at most this often
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
@@ -65,7 +69,7 @@ class Database:
             return fn(session=session, **kwargs)
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     return request.app.state.database
 
 
@@ -101,7 +105,7 @@ async def get_redis(request: Request) -> ArqRedis | None:
     return state.redis
 
 
-def authenticate(request: Request) -> Project:
+async def authenticate(request: Request) -> Project:
     """The project of the request's `Authorization: Bearer` key.
 
     The guard middleware authenticates every `/v1/` request before its body is read and leaves the project on
@@ -113,7 +117,9 @@ def authenticate(request: Request) -> Project:
     project = getattr(request.state, "project", None)
     if isinstance(project, Project):
         return project
-    return project_of_key(request.app.state.engine, request.headers.get("authorization", ""))
+    return await run_in_threadpool(
+        project_of_key, request.app.state.engine, request.headers.get("authorization", "")
+    )
 
 
 def project_of_key(engine: Engine, authorization: str) -> Project:
@@ -134,6 +140,39 @@ def project_of_key(engine: Engine, authorization: str) -> Project:
     if project is None:
         raise Unauthorized("Incorrect API key provided.")
     return project
+
+
+class KeyCache:
+    """Projects of recently seen API keys, for `ttl` seconds: most requests then skip the database lookup (and its
+    thread hop) that otherwise costs as much as the request's own query. A key revoked with `tuneworks keys revoke`
+    (another process) stops working within `ttl` seconds. Only keys that authenticated are kept (at most
+    `size`, least recently used dropped first), and they are kept by their hash, never in clear.
+    """
+
+    def __init__(self, *, ttl: float, size: int = 10_000) -> None:
+        self.ttl, self.size = ttl, size
+        self._entries: OrderedDict[str, tuple[Project, float]] = OrderedDict()
+
+    def get(self, authorization: str) -> Project | None:
+        if self.ttl <= 0:
+            return None
+        entry = self._entries.get(_digest(authorization))
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, authorization: str, project: Project) -> None:
+        if self.ttl <= 0:
+            return
+        digest = _digest(authorization)
+        self._entries[digest] = (project, time.monotonic() + self.ttl)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+def _digest(authorization: str) -> str:
+    return hashlib.sha256(authorization.encode()).hexdigest()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

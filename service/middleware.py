@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import time
@@ -32,6 +33,9 @@ from service.files import MULTIPART_OVERHEAD_BYTES
 
 logger = logging.getLogger(__name__)
 
+_ID_PREFIX = secrets.token_hex(6)  # request ids: unique per process (a random prefix and a counter), cheap
+_ID_COUNTER = itertools.count()
+
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})  # any other is `other`
 OFF_LOOP_BYTES = 1024 * 1024  # JSON bodies larger than this are checked in a thread, off the event loop
 _FORM_TYPES = ("multipart/", "application/x-www-form-urlencoded")
@@ -49,7 +53,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or "req_" + secrets.token_hex(12)
+        request_id = _incoming_request_id(scope) or f"req_{_ID_PREFIX}{next(_ID_COUNTER):010x}"
         scope.setdefault("state", {})["request_id"] = request_id
         started, status = time.perf_counter(), [0]
 
@@ -136,7 +140,10 @@ class RequestGuardMiddleware:
         state = scope["app"].state
         if scope["path"].startswith("/v1/"):
             authorization = Headers(scope=scope).get("authorization", "")
-            project = await run_in_threadpool(project_of_key, state.engine, authorization)
+            project = state.key_cache.get(authorization)
+            if project is None:
+                project = await run_in_threadpool(project_of_key, state.engine, authorization)
+                state.key_cache.put(authorization, project)
             scope.setdefault("state", {})["project"] = project  # `deps.ProjectDep` takes it from here
             if state.rate_limiter is not None:
                 state.rate_limiter.check(project.id)
