@@ -3,12 +3,16 @@
 `transition()` checks the move against the table, writes the new status, the other fields and a job event in
 one transaction with a compare-and-set on the old status (so an API cancel and a worker finishing at the same
 moment cannot both win), and only after the commit announces it (log line and metric). Callers that enqueue
-work do it after `transition()` returns, i.e. after the change is durable.
+work or publish do it after `transition()` returns, i.e. after the change is durable.
+
+A change that goes with other rows (a job succeeding and its model row) passes them through `also`, so they
+commit with the status or not at all; a worker adds its lease to the compare-and-set with `where`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -69,6 +73,8 @@ def transition(
     level: str = "info",
     expect: JobStatus | set[JobStatus] | None = None,
     data: dict[str, Any] | None = None,
+    where: dict[str, Any] | None = None,
+    also: Callable[[Session], None] | None = None,
     **fields: Any,
 ) -> JobRow:
     """Move job `job_id` to `target`, with `fields` set on the row and an event with `message`.
@@ -81,13 +87,18 @@ def transition(
         level: event level (info, warn, error).
         expect: the status(es) the caller believes the job is in; the move fails if it is elsewhere.
         data: optional event data.
+        where: other columns the compare-and-set checks, name -> value (a worker's `lease_owner` and
+            `lease_epoch`); the move fails when one differs.
+        also: called with the session after the compare-and-set and before the status event; the rows it adds
+            commit with the change, or not at all (it raising rolls the change back).
         **fields: other columns to set in the same write (error, finished_at, fine_tuned_model, ...).
 
     Returns:
         The job row after the change.
 
     Raises:
-        IllegalTransition: the move is not allowed from the current status, or the status changed meanwhile.
+        IllegalTransition: the move is not allowed from the current status, the status changed meanwhile, or a
+            `where` column differs.
         KeyError: no such job.
     """
     with Session(engine, expire_on_commit=False) as session:
@@ -99,13 +110,15 @@ def transition(
         if target in TERMINAL:
             fields.setdefault("finished_at", now())
         values = {"status": target.value, **fields}
-        result = session.execute(
-            update(JobRow).where(JobRow.id == job_id, JobRow.status == current.value).values(**values)  # type: ignore[arg-type]
-        )
+        checks = [JobRow.id == job_id, JobRow.status == current.value]
+        checks += [getattr(JobRow, name) == value for name, value in (where or {}).items()]
+        result = session.execute(update(JobRow).where(*checks).values(**values))  # type: ignore[arg-type]
         if result.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()
             raise IllegalTransition(job_id, current, target)
-        session.add(_event(job_id, message, level=level, data=data))
+        if also is not None:
+            also(session)
+        session.add(job_event(job_id, message, level=level, data=data))
         session.commit()
         session.refresh(job)
     _announce(job, current, target)
@@ -123,11 +136,11 @@ def add_event(
 ) -> None:
     """Append one event to a job (no status change)."""
     with Session(engine) as session:
-        session.add(_event(job_id, message, level=level, type=type, data=data))
+        session.add(job_event(job_id, message, level=level, type=type, data=data))
         session.commit()
 
 
-def _event(
+def job_event(
     job_id: str,
     message: str,
     *,
@@ -135,6 +148,7 @@ def _event(
     type: str = "message",
     data: dict[str, Any] | None = None,
 ) -> JobEventRow:
+    """A new event row, for a caller to add in its own transaction (`transition(also=...)`)."""
     return JobEventRow(
         id=new_id("ftevent-"), job_id=job_id, message=message, level=level, type=type, data=data
     )

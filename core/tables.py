@@ -81,12 +81,15 @@ class JobRow(SQLModel, table=True):
     metadata_: dict | None = Field(default=None, sa_column=Column("metadata", JSON))
     suffix: str | None = None
     evaluation: dict | None = _json(None)  # extension: metrics on the validation data at the end
-    attempts: int = 0  # training attempts started (crash recovery bound)
+    # Consecutive attempts (validation or training) that ended without progress; reset when an attempt saves
+    # resume state past where it started or ends on purpose. Over `job_max_attempts`: `too_many_attempts`.
+    attempts: int = 0
     queue_token: str | None = (
         None  # arq job id of the latest enqueue (the reconciler checks it is still there)
     )
     lease_owner: str | None = None
     lease_expires_at: float | None = None
+    lease_epoch: int = 0  # leases taken so far; with `lease_owner` the fencing token of a worker's writes
     step: int = 0  # last completed optimizer step
     total_steps: int | None = None
 

@@ -39,7 +39,9 @@ class TrainConfig:
     qlora: bool = False  # 4-bit base weights (bitsandbytes; CUDA only)
     eval_interval: int = 0  # steps between validation batches; 0 = about ten times per run
     full_valid_max_examples: int = 256  # cap of the epoch-end validation pass
-    resume_state_seconds: float = 120.0
+    resume_state_seconds: float = (
+        15.0  # FT_RESUME_STATE_SECONDS; often enough that a worker killed every 30 s progresses
+    )
 
     def __post_init__(self) -> None:
         if self.schedule not in {"linear", "cosine"}:

@@ -2,6 +2,9 @@
 
 Every writer here is idempotent by job and step, because a job may be trained twice up to the same point (a
 worker that crashed after a checkpoint but before its resume state): the rows are updated, never duplicated.
+Every write is fenced by the attempt's lease (`runner.lease`), so a worker that lost it changes nothing. The
+final model and result file rows are not committed here: `final_rows` adds them to the transaction that moves
+the job to `succeeded`, so a model is listed exactly when its job succeeded.
 Store keys: `jobs/<id>/checkpoints/step-<N>`, `jobs/<id>/adapter`, `jobs/<id>/state`, `files/<file id>`.
 """
 
@@ -21,6 +24,7 @@ from core.naming import checkpoint_model_name
 from core.storage import ArtifactStore
 from core.store_keys import adapter_key, checkpoint_key, file_key
 from core.tables import CheckpointRow, FileRow, JobRow, ModelRow, Project
+from runner.lease import Lease, fenced_session
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ def save_checkpoint(
     store: ArtifactStore,
     *,
     job: JobRow,
+    lease: Lease,
     model_name: str,
     step: int,
     adapter_dir: Path,
@@ -59,16 +64,20 @@ def save_checkpoint(
         engine: the database.
         store: the artifact store.
         job: the job it belongs to.
+        lease: the attempt's lease; the folder and the rows are written only while it is held.
         model_name: the final model's name; the checkpoint's is derived from it.
         step: the optimizer step of the checkpoint.
         adapter_dir: the adapter in PEFT format.
         metrics: the step's metrics (checkpoint `metrics`).
+
+    Raises:
+        FenceLost, LeaseLost: another attempt holds the lease.
     """
     key = checkpoint_key(job.id, step)
-    store.put_dir(key, adapter_dir)
+    store.put_dir(key, adapter_dir, fence=lease.fence(engine))
     name = checkpoint_model_name(model_name, step)
     values = {k: float(metrics[k]) for k in CHECKPOINT_METRICS if metrics.get(k) is not None}
-    with Session(engine, expire_on_commit=False) as session:
+    with fenced_session(engine, lease) as session:
         row = session.exec(
             select(CheckpointRow).where(CheckpointRow.job_id == job.id, CheckpointRow.step_number == step)
         ).first()
@@ -80,7 +89,6 @@ def save_checkpoint(
         row.metrics, row.deleted = values, False
         session.add(row)
         session.add(_model_row(session, name, job=job, storage_key=key, step=step))
-        session.commit()
     return name
 
 
@@ -94,9 +102,14 @@ def _model_row(session: Session, name: str, *, job: JobRow, storage_key: str, st
     return row
 
 
-def prune_checkpoints(engine: Engine, store: ArtifactStore, *, job_id: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` checkpoints of a job; returns the model names that were deleted."""
-    with Session(engine, expire_on_commit=False) as session:
+def prune_checkpoints(engine: Engine, store: ArtifactStore, *, lease: Lease, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoints of a job; returns the model names that were deleted.
+
+    Raises:
+        LeaseLost: another attempt holds the lease (nothing is deleted).
+    """
+    job_id = lease.job_id
+    with fenced_session(engine, lease) as session:
         rows = session.exec(
             select(CheckpointRow)
             .where(CheckpointRow.job_id == job_id, CheckpointRow.deleted == False)  # noqa: E712
@@ -112,7 +125,6 @@ def prune_checkpoints(engine: Engine, store: ArtifactStore, *, job_id: str, keep
             if model is not None:
                 model.deleted = True
                 session.add(model)
-        session.commit()
     for row in dropped:
         store.delete(row.storage_key)
         logger.info("job %s: deleted checkpoint at step %d", job_id, row.step_number)
@@ -127,14 +139,22 @@ def live_checkpoint_names(engine: Engine, job_id: str) -> list[str]:
         return [row.fine_tuned_model_checkpoint for row in rows]
 
 
-def save_final_model(
-    engine: Engine, store: ArtifactStore, *, job: JobRow, model_name: str, adapter_dir: Path
-) -> None:
-    """Store the final adapter under `jobs/<id>/adapter` and register its ModelRow (one per job, ever)."""
-    store.put_dir(adapter_key(job.id), adapter_dir)
-    with Session(engine) as session:
-        session.add(_model_row(session, model_name, job=job, storage_key=adapter_key(job.id), step=None))
-        session.commit()
+def put_final_adapter(engine: Engine, store: ArtifactStore, *, lease: Lease, adapter_dir: Path) -> str:
+    """Store the final adapter under `jobs/<id>/adapter` while `lease` is held; returns the key.
+
+    Raises:
+        FenceLost: another attempt holds the lease; the folder is unchanged.
+    """
+    key = adapter_key(lease.job_id)
+    store.put_dir(key, adapter_dir, fence=lease.fence(engine))
+    return key
+
+
+def final_rows(session: Session, *, job: JobRow, model_name: str, result_file: FileRow) -> None:
+    """Add the final ModelRow (one per job, ever) and the result file's row to `session`: the transaction
+    that moves the job to `succeeded` (`transition(also=...)`)."""
+    session.add(_model_row(session, model_name, job=job, storage_key=adapter_key(job.id), step=None))
+    session.add(result_file)
 
 
 def result_csv(history: list[dict[str, Any]]) -> bytes:
@@ -156,25 +176,12 @@ def result_csv(history: list[dict[str, Any]]) -> bytes:
     return out.getvalue().encode()
 
 
-def save_result_file(
-    engine: Engine, store: ArtifactStore, *, job: JobRow, history: list[dict[str, Any]]
-) -> str:
-    """Write the result CSV as a `fine-tune-results` file of the job's project; returns the file id."""
+def write_result_file(store: ArtifactStore, *, job: JobRow, history: list[dict[str, Any]]) -> FileRow:
+    """Store the result CSV under a new file id; returns its `fine-tune-results` row, not yet committed (the
+    caller commits it with the job's success, or deletes the stored bytes)."""
     data = result_csv(history)
     file_id = new_id("file-")
     key = file_key(file_id)
     store.write_bytes(key, data)
-    with Session(engine) as session:
-        session.add(
-            FileRow(
-                id=file_id,
-                project_id=job.project_id,
-                bytes=len(data),
-                filename="step_metrics.csv",
-                purpose="fine-tune-results",
-                status="processed",
-                storage_key=key,
-            )  # fmt: skip
-        )
-        session.commit()
-    return file_id
+    return FileRow(id=file_id, project_id=job.project_id, bytes=len(data), filename="step_metrics.csv",
+                   purpose="fine-tune-results", status="processed", storage_key=key)  # fmt: skip

@@ -1,11 +1,15 @@
 """The trainer's hooks for one job attempt: steps become metrics events and Prometheus samples, epoch ends become
 checkpoints, resume state goes to the store, and cancel/pause/lease loss are read from the job row between steps.
 
-Called from the training thread; every database write here is a short transaction of its own.
+Called from the training thread; every database write here is a short transaction of its own. Checkpoints and
+resume state are fenced by the attempt's lease: when another attempt holds it, nothing is written and the run
+stops (`lost`). The first resume state saved past the attempt's starting step marks progress, so that the
+attempt does not count against `job_max_attempts` if the worker dies later.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +22,15 @@ from core import metrics
 from core.hyperparameters import Hyperparameters
 from core.ids import now
 from core.job_spec import JobSpec
-from core.job_status import JobStatus, add_event
-from core.storage import ArtifactStore
+from core.job_status import TERMINAL, JobStatus, add_event
+from core.storage import ArtifactStore, FenceLost
 from core.store_keys import state_key
 from core.tables import JobRow
 from runner import artifacts, lease
+from runner.lease import Lease, LeaseLost
 from runner.trainer import StopReason, TrainCallbacks
+
+logger = logging.getLogger(__name__)
 
 STATUS_POLL_SECONDS = 0.5  # how often the training thread reads the job's status (cancel / pause)
 ESTIMATE_SECONDS = 5.0  # how often `estimated_finish` and `step` are written
@@ -36,12 +43,13 @@ EVENT_METRICS = frozenset({
 class JobCallbacks(TrainCallbacks):
     """Trainer hooks of one job attempt (called from the training thread)."""
 
-    def __init__(self, *, engine: Engine, store: ArtifactStore, job: JobRow, spec: JobSpec, owner: str,
+    def __init__(self, *, engine: Engine, store: ArtifactStore, job: JobRow, spec: JobSpec, held: Lease,
                  model_name: str, keep: int) -> None:  # fmt: skip
-        self.engine, self.store, self.job, self.spec, self.owner = engine, store, job, spec, owner
+        self.engine, self.store, self.job, self.spec, self.held = engine, store, job, spec, held
         self.model_name, self.keep = model_name, keep
         self.lost = False  # set when another worker took the lease
         self.shutdown = False  # set when this worker is stopping
+        self.progressed = False  # resume state past `first_step` was saved
         self.deleted_models: list[str] = []
         self.started = time.monotonic()
         self.first_step: int | None = None
@@ -80,17 +88,32 @@ class JobCallbacks(TrainCallbacks):
     def on_checkpoint(self, step: int, epoch: int, adapter_dir: Path) -> None:
         if self.lost:
             return
-        artifacts.save_checkpoint(self.engine, self.store, job=self.job, model_name=self.model_name, step=step,
-                                  adapter_dir=adapter_dir, metrics=self.last_metrics)  # fmt: skip
-        add_event(self.engine, self.job.id, f"Checkpoint created at step {step}")
-        metrics.CHECKPOINTS_WRITTEN.labels(base_model=self.job.model).inc()
-        self.deleted_models += artifacts.prune_checkpoints(
-            self.engine, self.store, job_id=self.job.id, keep=self.keep
-        )
+        try:
+            artifacts.save_checkpoint(self.engine, self.store, job=self.job, lease=self.held,
+                                      model_name=self.model_name, step=step, adapter_dir=adapter_dir,
+                                      metrics=self.last_metrics)  # fmt: skip
+            add_event(self.engine, self.job.id, f"Checkpoint created at step {step}")
+            metrics.CHECKPOINTS_WRITTEN.labels(base_model=self.job.model).inc()
+            self.deleted_models += artifacts.prune_checkpoints(
+                self.engine, self.store, lease=self.held, keep=self.keep
+            )
+        except (FenceLost, LeaseLost):
+            self._lose(f"checkpoint at step {step}")
 
     def on_resume_state(self, step: int, state_dir: Path) -> None:
-        if not self.lost:
-            self.store.put_dir(state_key(self.job.id), state_dir)
+        if self.lost:
+            return
+        try:
+            self.store.put_dir(state_key(self.job.id), state_dir, fence=self.held.fence(self.engine))
+            if not self.progressed and step > (self.first_step or 0):
+                lease.mark_progress(self.engine, self.held)
+                self.progressed = True
+        except (FenceLost, LeaseLost):
+            self._lose(f"resume state at step {step}")
+
+    def _lose(self, what: str) -> None:
+        logger.warning("job %s: %s not written: %s lost the lease", self.job.id, what, self.held.owner)
+        self.lost = True
 
     def should_stop(self) -> StopReason | None:
         if self.shutdown:
@@ -101,12 +124,12 @@ class JobCallbacks(TrainCallbacks):
             return None
         self.last_poll = time.monotonic()
         status, owner = lease.owner_of(self.engine, self.job.id)
-        if owner != self.owner:
+        if owner != self.held.owner:
             self.lost = True
             return "cancel"
         if status == JobStatus.paused:
             return "pause"
-        if status == JobStatus.cancelled:
+        if status in TERMINAL:  # cancelled by the user, or failed / succeeded by someone else: stop
             return "cancel"
         return None
 

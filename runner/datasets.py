@@ -8,11 +8,14 @@ an end-of-sequence token. Examples longer than `max_seq_len` are cut at the end 
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from core import drift_profile
@@ -87,6 +90,75 @@ class Tokenization:
     def _encode_chat(self, messages: list[dict]) -> Example:
         messages = [_plain(m) for m in messages]
         full = self._render(messages, generation_prompt=False)
+        found = self._answer_spans(messages, full)
+        if found is None:
+            spans, last_answer = self._answer_spans_by_prefixes(messages)
+            inside = _inside
+        else:
+            spans, last_answer = found
+            inside = _sorted_inside
+        encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        labels = [
+            tok if inside(offset, spans) else IGNORE
+            for tok, offset in zip(ids, encoded["offset_mapping"], strict=True)
+        ]
+        for message in messages:
+            message.pop("_weight", None)
+        answer = last_answer if last_answer is not None else _last_assistant(messages)
+        prompt = messages[:answer] if answer is not None else messages
+        reference = messages[answer]["content"] if answer is not None else ""
+        return Example(ids, labels, prompt_messages=prompt, reference=reference)
+
+    def _answer_spans(
+        self, messages: list[dict], full: str
+    ) -> tuple[list[tuple[int, int]], int | None] | None:
+        """Character spans of the trained answers in `full`, found in one pass (linear in the messages).
+
+        Each answer is found after the previous one as the template's assistant header, its content and the
+        template's end-of-turn text; the span is the one `_answer_spans_by_prefixes` computes from the rendered
+        prefix (the content through the end of turn, trailing whitespace dropped). None when an answer is not
+        found that way (a template that changes the content): the caller then renders the prefixes.
+        """
+        marks = self._template_marks
+        if marks is None:
+            return None
+        header, end_of_turn = marks
+        spans: list[tuple[int, int]] = []
+        last_answer, cursor = None, 0
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            content = message["content"]
+            found = full.find(header + content + end_of_turn, cursor)
+            if found < 0:
+                return None
+            start = found + len(header)
+            end = cursor = start + len(content) + len(end_of_turn)
+            while end > start and full[end - 1].isspace():  # only when the end of turn is empty
+                end -= 1
+            if message.get("_weight", 1):
+                if content:  # an empty answer trains nothing, as a rendered prefix gives it
+                    spans.append((start, end))
+                last_answer = index
+        return spans, last_answer
+
+    @cached_property
+    def _template_marks(self) -> tuple[str, str] | None:
+        """What the chat template writes before and after an assistant message's content (trailing whitespace
+        dropped): `<|im_start|>assistant` + newline and `<|im_end|>` for SmolLM2. None when probe messages do
+        not appear verbatim, or a conversation's rendering does not start with that of its first message."""
+        question = {"role": "user", "content": "\ue000probe question\ue001"}
+        answer = "\ue000probe answer\ue001"
+        before = self._render([question], generation_prompt=False)
+        text = self._render([question, {"role": "assistant", "content": answer}], generation_prompt=False)
+        at = text.rfind(answer)
+        if at < len(before) or not text.startswith(before):
+            return None
+        return text[len(before) : at], text[at + len(answer) :].rstrip()
+
+    def _answer_spans_by_prefixes(self, messages: list[dict]) -> tuple[list[tuple[int, int]], int | None]:
+        """The spans from rendering the conversation up to each answer (one render per answer: quadratic)."""
         spans: list[tuple[int, int]] = []
         last_answer = None
         for index, message in enumerate(messages):
@@ -95,19 +167,10 @@ class Tokenization:
             # The answer's text through its end-of-turn token; the header before it stays a prompt.
             text = self._render(messages[: index + 1], generation_prompt=False)
             start, end = text.rfind(message["content"]), len(text.rstrip())
-            if message.pop("_weight", 1):
+            if message.get("_weight", 1):
                 spans.append((start, end))
                 last_answer = index
-        encoded = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoded["input_ids"])
-        labels = [
-            tok if _inside(offset, spans) else IGNORE
-            for tok, offset in zip(ids, encoded["offset_mapping"], strict=True)
-        ]
-        answer = last_answer if last_answer is not None else _last_assistant(messages)
-        prompt = messages[:answer] if answer is not None else messages
-        reference = messages[answer]["content"] if answer is not None else ""
-        return Example(ids, labels, prompt_messages=prompt, reference=reference)
+        return spans, last_answer
 
     def _encode_completion(self, prompt: str, completion: str) -> Example:
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -152,6 +215,14 @@ def _plain(message: dict) -> dict:
 def _inside(offset: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
     start, end = offset
     return any(lo <= start and end <= hi and end > start for lo, hi in spans)
+
+
+def _sorted_inside(offset: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    """`_inside` for spans that are sorted and disjoint: only the last span starting at or before the token
+    can hold it (a binary search instead of a scan of every span)."""
+    start, end = offset
+    index = bisect.bisect_right(spans, (start, math.inf)) - 1
+    return index >= 0 and end <= spans[index][1] and end > start
 
 
 def _last_assistant(messages: list[dict]) -> int | None:

@@ -3,21 +3,63 @@
 A worker takes the lease of a `queued` job (or of a `running` job whose lease expired: its worker died) and
 renews it while it trains. Only the owner renews or releases it, so a worker that lost its lease (a long pause
 of the process, a network split) notices and stops instead of training next to its successor.
+
+Noticing is not enough: a worker blocked for longer than the lease may still be about to write. So every
+durable write of an attempt is fenced by its `Lease` (owner and epoch): database writes check it in the same
+transaction (`fenced_session`, or `transition(where=lease.columns)`), store writes just before the switch
+(`ArtifactStore.put_dir(fence=...)`). A successor's writes are then the only ones that land.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import and_, or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from core.job_status import JobStatus
+from core.storage import Fence
 from core.tables import JobRow
 
 logger = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """A fenced write was refused: another attempt holds the job's lease now."""
+
+    def __init__(self, job_id: str, owner: str) -> None:
+        super().__init__(f"job {job_id}: {owner} no longer holds the lease")
+        self.job_id, self.owner = job_id, owner
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One attempt's hold on a job: owner and epoch, the fencing token its writes are checked against."""
+
+    job_id: str
+    owner: str
+    epoch: int
+
+    @classmethod
+    def of(cls, job: JobRow) -> Lease:
+        """The lease `acquire` just took on `job`."""
+        assert job.lease_owner is not None
+        return cls(job.id, job.lease_owner, job.lease_epoch)
+
+    @property
+    def columns(self) -> dict[str, Any]:
+        """The columns that hold the lease, for `transition(where=...)`."""
+        return {"lease_owner": self.owner, "lease_epoch": self.epoch}
+
+    def fence(self, engine: Engine) -> Fence:
+        """A store fence: True while this lease is held."""
+        return lambda: holds(engine, self)
 
 
 def acquire(engine: Engine, job_id: str, *, owner: str, seconds: float) -> JobRow | None:
@@ -40,7 +82,12 @@ def acquire(engine: Engine, job_id: str, *, owner: str, seconds: float) -> JobRo
         result = session.execute(
             update(JobRow)
             .where(and_(JobRow.id == job_id, trainable, free))  # type: ignore[arg-type]
-            .values(lease_owner=owner, lease_expires_at=now + seconds, attempts=JobRow.attempts + 1)
+            .values(
+                lease_owner=owner,
+                lease_expires_at=now + seconds,
+                attempts=JobRow.attempts + 1,
+                lease_epoch=JobRow.lease_epoch + 1,
+            )
         )
         session.commit()
         if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -48,6 +95,49 @@ def acquire(engine: Engine, job_id: str, *, owner: str, seconds: float) -> JobRo
         job = session.exec(select(JobRow).where(JobRow.id == job_id)).one()
     logger.info("job %s: lease taken by %s (attempt %d)", job_id, owner, job.attempts)
     return job
+
+
+def holds(engine: Engine, lease: Lease) -> bool:
+    """True when `lease` is still the job's lease."""
+    with Session(engine) as session:
+        row = session.exec(
+            select(JobRow.pk).where(JobRow.id == lease.job_id, *_held(lease))  # type: ignore[arg-type]
+        ).first()
+        return row is not None
+
+
+@contextmanager
+def fenced_session(engine: Engine, lease: Lease) -> Iterator[Session]:
+    """A session whose writes commit only while `lease` is held: it first locks the job row by a write that
+    matches only the lease holder, so a successor's acquire waits for this commit or wins before it.
+
+    Raises:
+        LeaseLost: another attempt holds the lease (nothing is written).
+    """
+    with Session(engine, expire_on_commit=False) as session:
+        result = session.execute(
+            update(JobRow).where(JobRow.id == lease.job_id, *_held(lease)).values(lease_owner=lease.owner)  # type: ignore[arg-type]
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            session.rollback()
+            raise LeaseLost(lease.job_id, lease.owner)
+        yield session
+        session.commit()
+
+
+def mark_progress(engine: Engine, lease: Lease) -> None:
+    """The attempt saved resume state past where it started: it does not count against `job_max_attempts`
+    (the counter is of consecutive attempts without progress).
+
+    Raises:
+        LeaseLost: another attempt holds the lease.
+    """
+    with fenced_session(engine, lease) as session:
+        session.execute(update(JobRow).where(JobRow.id == lease.job_id).values(attempts=0))  # type: ignore[arg-type]
+
+
+def _held(lease: Lease) -> list[Any]:
+    return [JobRow.lease_owner == lease.owner, JobRow.lease_epoch == lease.epoch]
 
 
 def renew(engine: Engine, job_id: str, *, owner: str, seconds: float) -> bool:

@@ -2,7 +2,13 @@
 
 The trainer runs in a thread (`asyncio.to_thread`) while an asyncio task renews the lease; `runner.callbacks`
 turns the trainer's hooks into job events, checkpoints and resume state, and reads cancel/pause from the job row
-between steps. What to train comes from the job spec (`core.job_spec`). Every exit path releases the lease; failures end in `failed` with an OpenAI error code.
+between steps. What to train comes from the job spec (`core.job_spec`). Every exit path releases the lease;
+failures end in `failed` with an OpenAI error code.
+
+Finishing has the shape of every durable change: the final adapter is stored (fenced by the lease), then one
+transaction moves the job to `succeeded` with the lease in its compare-and-set and the model and result file
+rows in the same commit, and only then are the adapters announced on Redis. A cancel that wins the race leaves
+no model; a publish that fails leaves a succeeded job (the serve process's sweep finds the model).
 """
 
 from __future__ import annotations
@@ -25,19 +31,22 @@ from core import drift_profile, metrics
 from core.failures import JobFailure
 from core.ids import new_id, now
 from core.job_spec import JobSpec
-from core.job_status import IllegalTransition, JobStatus, add_event, transition
+from core.job_status import IllegalTransition, JobStatus, add_event, job_event, transition
 from core.naming import fine_tuned_model_name
 from core.queue import publish_adapter_event
 from core.settings import Settings
-from core.storage import ArtifactStore
-from core.store_keys import state_key
+from core.storage import ArtifactStore, FenceLost
+from core.store_keys import adapter_key, state_key
 from core.tables import FileRow, JobEventRow, JobRow
 from runner import artifacts, lease
 from runner.callbacks import JobCallbacks
 from runner.datasets import DEFAULT_MAX_SEQ_LEN, Dataset, Tokenization, load_dataset
+from runner.lease import Lease
 from runner.trainer import TrainResult, train
 
 logger = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_SECONDS = 5.0  # a Redis that hangs must not hold a finished job's worker slot
 
 
 def new_owner() -> str:
@@ -70,22 +79,22 @@ async def train_job(ctx: dict[str, Any], job_id: str) -> str:
 async def _attempt(ctx: dict[str, Any], job: JobRow, owner: str) -> str:
     settings: Settings = ctx["settings"]
     engine: Engine = ctx["engine"]
+    held = Lease.of(job)
     if job.attempts > settings.job_max_attempts:
-        message = (
-            f"Training was interrupted {job.attempts - 1} times (the limit is {settings.job_max_attempts})"
-        )
-        return _fail(engine, job, JobFailure("too_many_attempts", message))
+        message = (f"Training was interrupted {job.attempts - 1} times without progress "
+                   f"(the limit is {settings.job_max_attempts})")  # fmt: skip
+        return _fail(engine, job, held, JobFailure("too_many_attempts", message))
     if not _start(engine, job):
         return "skipped"
     heartbeat = asyncio.create_task(_heartbeat(engine, job.id, owner, settings.lease_seconds, ctx))
     metrics.WORKERS_BUSY.inc()
     try:
-        return await _train_and_finish(ctx, job, owner)
+        return await _train_and_finish(ctx, job, held)
     except JobFailure as exc:
-        return _fail(engine, job, exc)
+        return _fail(engine, job, held, exc)
     except Exception as exc:  # noqa: BLE001  every other error fails the job with its message, not a hang
         logger.exception("job %s: training failed", job.id)
-        return _fail(engine, job, _classify(exc))
+        return _fail(engine, job, held, _classify(exc))
     finally:
         heartbeat.cancel()
         metrics.WORKERS_BUSY.dec()
@@ -126,19 +135,21 @@ def _classify(exc: Exception) -> JobFailure:
     return JobFailure("training_failed", f"Training failed: {type(exc).__name__}: {text[:500]}")
 
 
-def _fail(engine: Engine, job: JobRow, exc: JobFailure) -> str:
+def _fail(engine: Engine, job: JobRow, held: Lease, exc: JobFailure) -> str:
     try:
         transition(engine, job.id, JobStatus.failed, message=exc.message, level="error",
-                   expect={JobStatus.queued, JobStatus.running}, error=exc.as_error(), estimated_finish=None)  # fmt: skip
+                   expect={JobStatus.queued, JobStatus.running}, where=held.columns, error=exc.as_error(),
+                   estimated_finish=None)  # fmt: skip
     except IllegalTransition:
-        logger.info("job %s: not failed (%s): it moved on already", job.id, exc.code)
+        logger.info("job %s: not failed (%s): it moved on already, or the lease was lost", job.id, exc.code)
     return "failed"
 
 
 async def _heartbeat(engine: Engine, job_id: str, owner: str, seconds: float, ctx: dict[str, Any]) -> None:
     while True:
         await asyncio.sleep(max(0.2, seconds / 3))
-        if not lease.renew(engine, job_id, owner=owner, seconds=seconds):
+        # In a thread: a busy database must not stall the event loop (and with it every other renewal).
+        if not await asyncio.to_thread(lease.renew, engine, job_id, owner=owner, seconds=seconds):
             logger.warning("job %s: lease lost by %s", job_id, owner)
             callbacks = ctx.get("callbacks", {}).get(job_id)
             if callbacks is not None:
@@ -147,7 +158,7 @@ async def _heartbeat(engine: Engine, job_id: str, owner: str, seconds: float, ct
         metrics.WORKER_HEARTBEATS.inc()
 
 
-async def _train_and_finish(ctx: dict[str, Any], job: JobRow, owner: str) -> str:
+async def _train_and_finish(ctx: dict[str, Any], job: JobRow, held: Lease) -> str:
     settings: Settings = ctx["settings"]
     engine: Engine = ctx["engine"]
     store: ArtifactStore = ctx["store"]
@@ -156,7 +167,7 @@ async def _train_and_finish(ctx: dict[str, Any], job: JobRow, owner: str) -> str
         base_model=job.model, project=project, suffix=job.suffix, job_id=job.id
     )
     spec = JobSpec.from_row(job)
-    callbacks = JobCallbacks(engine=engine, store=store, job=job, spec=spec, owner=owner, model_name=model_name,
+    callbacks = JobCallbacks(engine=engine, store=store, job=job, spec=spec, held=held, model_name=model_name,
                              keep=settings.checkpoints_keep)  # fmt: skip
     ctx.setdefault("callbacks", {})[job.id] = callbacks
     work = Path(tempfile.mkdtemp(dir=_work_root(settings), prefix=f"{job.id}-"))
@@ -178,7 +189,7 @@ async def _shutdown(engine: Engine, job: JobRow, callbacks: JobCallbacks, future
     await asyncio.wait([future], timeout=120)
     with contextlib.suppress(IllegalTransition):
         transition(engine, job.id, JobStatus.queued, message="Worker stopped; the job will resume on another worker",
-                   level="warn", expect=JobStatus.running)  # fmt: skip
+                   level="warn", expect=JobStatus.running, where=callbacks.held.columns)  # fmt: skip
     return "requeued"
 
 
@@ -254,13 +265,19 @@ def _load(
     return dataset
 
 
-def _fetch_state(store: ArtifactStore, job_id: str, work: Path) -> Path | None:
+def _fetch_state(store: ArtifactStore, job_id: str, work: Path, tries: int = 3) -> Path | None:
+    """A local copy of the job's newest resume state, or None when it has none."""
     key = state_key(job_id)
-    if not store.exists(key):
-        return None
     local = work / "resume"
-    shutil.copytree(store.path(key), local)
-    return local
+    for _ in range(tries):
+        if not store.exists(key):
+            return None
+        try:
+            shutil.copytree(store.path(key), local)
+            return local
+        except FileNotFoundError:  # a newer copy replaced the one being read (a predecessor's last write)
+            shutil.rmtree(local, ignore_errors=True)
+    raise RuntimeError(f"job {job_id}: the resume state kept changing while it was read")
 
 
 async def _outcome(
@@ -268,16 +285,18 @@ async def _outcome(
 ) -> str:
     engine: Engine = ctx["engine"]
     result = run.result
+    if result.stopped or callbacks.lost:  # checkpoints pruned on the way are gone, whatever happens next
+        await _announce(ctx["redis"], job.id, deleted=callbacks.deleted_models, ready=[])
     if callbacks.lost:
         logger.warning("job %s: stopped at step %d; another worker holds the lease", job.id, result.step)
         return "lost"
     if result.stopped == "pause":
-        add_event(engine, job.id, f"Training paused at step {result.step}/{result.total_steps}; state saved")
+        await asyncio.to_thread(add_event, engine, job.id,
+                                f"Training paused at step {result.step}/{result.total_steps}; state saved")  # fmt: skip
         return "paused"
     if result.stopped == "cancel":
-        add_event(
-            engine, job.id, f"Training stopped at step {result.step}/{result.total_steps}; checkpoints kept"
-        )
+        await asyncio.to_thread(add_event, engine, job.id,
+                                f"Training stopped at step {result.step}/{result.total_steps}; checkpoints kept")  # fmt: skip
         return "cancelled"
     return await _finish(ctx, job, callbacks, run, model_name)
 
@@ -285,33 +304,86 @@ async def _outcome(
 async def _finish(
     ctx: dict[str, Any], job: JobRow, callbacks: JobCallbacks, run: _RunOutput, model_name: str
 ) -> str:
-    engine: Engine = ctx["engine"]
-    store: ArtifactStore = ctx["store"]
-    result = run.result
+    """Make the job `succeeded` with its model in one commit, then announce the adapters."""
+    try:
+        outcome = await asyncio.to_thread(
+            _succeed, ctx["engine"], ctx["store"], job, callbacks, run, model_name
+        )
+    except FenceLost:
+        logger.warning("job %s: finished training, but %s lost the lease", job.id, callbacks.held.owner)
+        return "lost"
+    if outcome == "succeeded":
+        live = await asyncio.to_thread(artifacts.live_checkpoint_names, ctx["engine"], job.id)
+        await _announce(ctx["redis"], job.id, deleted=callbacks.deleted_models, ready=[*live, model_name])
+    return outcome
+
+
+def _succeed(
+    engine: Engine,
+    store: ArtifactStore,
+    job: JobRow,
+    callbacks: JobCallbacks,
+    run: _RunOutput,
+    model_name: str,
+) -> str:
+    """The blocking part of finishing (a thread): adapter, result file, then the fenced `succeeded` commit.
+
+    Returns:
+        succeeded, or the outcome when another writer moved the job first (cancelled, failed, lost).
+
+    Raises:
+        FenceLost: the lease was lost before the adapter was stored.
+    """
+    held, result = callbacks.held, run.result
     assert result.adapter_dir is not None
-    artifacts.save_final_model(engine, store, job=job, model_name=model_name, adapter_dir=result.adapter_dir)
-    file_id = artifacts.save_result_file(engine, store, job=job, history=result.history)
-    _save_drift_profile(store, job.id, run.prompts)
-    if run.evaluation is not None:
-        add_event(engine, job.id, _evaluation_message(run.evaluation), data={"evaluation": run.evaluation})
-    else:
-        add_event(engine, job.id, "No validation file; the final evaluation was skipped")
-    redis = ctx["redis"]
-    for name in callbacks.deleted_models:
-        await publish_adapter_event(redis, "deleted", name)
-    for name in [*artifacts.live_checkpoint_names(engine, job.id), model_name]:
-        await publish_adapter_event(redis, "ready", name)
-    add_event(engine, job.id, f"New fine-tuned model created: {model_name}")
+    artifacts.put_final_adapter(engine, store, lease=held, adapter_dir=result.adapter_dir)
+    result_file = artifacts.write_result_file(store, job=job, history=result.history)
+    if lease.holds(engine, held):
+        _save_drift_profile(store, job.id, run.prompts)
+
+    def rows(session: Session) -> None:
+        artifacts.final_rows(session, job=job, model_name=model_name, result_file=result_file)
+        session.add(_evaluation_event(job.id, run.evaluation))
+        session.add(job_event(job.id, f"New fine-tuned model created: {model_name}"))
+
     try:
         transition(engine, job.id, JobStatus.succeeded, message="The job has successfully completed",
-                   expect=JobStatus.running, fine_tuned_model=model_name, result_files=[file_id],
-                   trained_tokens=result.trained_tokens, evaluation=run.evaluation, estimated_finish=None,
-                   step=result.step)  # fmt: skip
+                   expect=JobStatus.running, where=held.columns, also=rows, fine_tuned_model=model_name,
+                   result_files=[result_file.id], trained_tokens=result.trained_tokens, evaluation=run.evaluation,
+                   estimated_finish=None, step=result.step)  # fmt: skip
     except IllegalTransition:
-        logger.warning("job %s: finished training but it was moved meanwhile", job.id)
-        return "cancelled"
+        store.delete(result_file.storage_key)
+        return _not_succeeded(engine, store, job)
     store.delete(state_key(job.id))
     return "succeeded"
+
+
+def _not_succeeded(engine: Engine, store: ArtifactStore, job: JobRow) -> str:
+    """The job moved before it could succeed: a cancel or failure won (its final adapter is dropped; nothing
+    will be trained again), or another worker took the lease (its adapter stays)."""
+    status, owner = lease.owner_of(engine, job.id)
+    logger.warning("job %s: finished training but it is %s now (lease %s)", job.id, status, owner)
+    if status in {JobStatus.cancelled, JobStatus.failed}:
+        store.delete(adapter_key(job.id))
+        return "cancelled" if status == JobStatus.cancelled else "failed"
+    return "lost"
+
+
+def _evaluation_event(job_id: str, evaluation: dict[str, Any] | None) -> JobEventRow:
+    if evaluation is None:
+        return job_event(job_id, "No validation file; the final evaluation was skipped")
+    return job_event(job_id, _evaluation_message(evaluation), data={"evaluation": evaluation})
+
+
+async def _announce(redis: Any, job_id: str, *, deleted: list[str], ready: list[str]) -> None:
+    """Tell the serve processes about the job's adapters. The change is durable already: a publish that fails
+    is logged, and the serve process's sweep of the model table catches up."""
+    messages = [("deleted", name) for name in deleted] + [("ready", name) for name in ready]
+    for event, name in messages:
+        try:
+            await asyncio.wait_for(publish_adapter_event(redis, event, name), PUBLISH_TIMEOUT_SECONDS)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001  Redis down or slow: never undo a success for a notification
+            logger.warning("job %s: cannot publish %s for %s", job_id, event, name, exc_info=True)
 
 
 def _evaluation_message(evaluation: dict[str, Any]) -> str:

@@ -3,6 +3,10 @@
 The API validated the files' syntax at upload; here they are validated again as the trainer will read them
 (token counts with the base model's tokenizer), and the job fails with OpenAI's error codes
 (`invalid_n_examples`, `invalid_training_file`, ..., `unsupported_model`) naming the line.
+
+Validation always ends: any other error fails the job with `validation_failed`, and every start is counted on
+the row (`attempts`, durable before the work) so that a validation that keeps being interrupted (arq's timeout,
+a killed worker) fails with `too_many_attempts` instead of being enqueued again by the reconciler forever.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -34,21 +39,43 @@ async def validate_job(ctx: dict[str, Any], job_id: str) -> str:
     """
     settings: Settings = ctx["settings"]
     engine: Engine = ctx["engine"]
-    with Session(engine) as session:
-        job = session.exec(select(JobRow).where(JobRow.id == job_id)).first()
-    if job is None or job.status != JobStatus.validating_files:
+    job = await asyncio.to_thread(_start, engine, job_id)
+    if job is None:
         return "skipped"
+    if job.attempts > settings.job_max_attempts:
+        message = (f"Validating the files was interrupted {job.attempts - 1} times "
+                   f"(the limit is {settings.job_max_attempts})")  # fmt: skip
+        return _fail(engine, job_id, JobFailure("too_many_attempts", message))
     try:
         await asyncio.to_thread(_check, settings, engine, ctx["store"], job)
     except JobFailure as exc:
         return _fail(engine, job_id, exc)
+    except Exception as exc:  # noqa: BLE001  a bug or a broken file must fail the job, not retry it forever
+        logger.exception("job %s: validation failed", job_id)
+        text = str(exc) or type(exc).__name__
+        message = f"Validating the files failed: {type(exc).__name__}: {text[:500]}"
+        return _fail(engine, job_id, JobFailure("validation_failed", message))
     try:
         transition(engine, job_id, JobStatus.queued, message="Files validated, moving job to queued state",
-                   expect=JobStatus.validating_files)  # fmt: skip
+                   expect=JobStatus.validating_files, attempts=0)  # fmt: skip
     except IllegalTransition:
         return "skipped"
     await enqueue(engine, ctx["redis"], function=TRAIN_JOB, job_id=job_id, queue_name=settings.queue_name)
     return "queued"
+
+
+def _start(engine: Engine, job_id: str) -> JobRow | None:
+    """Count a validation attempt (committed before any work); None when the job is not in validating_files."""
+    with Session(engine, expire_on_commit=False) as session:
+        result = session.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.status == JobStatus.validating_files.value)  # type: ignore[arg-type]
+            .values(attempts=JobRow.attempts + 1)
+        )
+        session.commit()
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        return session.exec(select(JobRow).where(JobRow.id == job_id)).one()
 
 
 def _fail(engine: Engine, job_id: str, failure: JobFailure) -> str:

@@ -7,14 +7,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from core.db import init_db, make_engine
 from core.ids import new_id
-from core.job_status import IllegalTransition, JobStatus, can_move, transition
-from core.tables import JobEventRow, JobRow
+from core.job_status import IllegalTransition, JobStatus, can_move, job_event, transition
+from core.tables import JobEventRow, JobRow, ModelRow
 
 S = JobStatus
 
@@ -183,3 +183,64 @@ def test_transition_of_an_unknown_job_is_a_key_error(engine: Engine) -> None:
     with pytest.raises(KeyError):
         transition(engine, "ftjob-none", S.cancelled, message="no such job")
     assert event_count(engine) == count
+
+
+# --- where= (more columns in the compare-and-set) and also= (rows committed with the change) --------------
+
+
+def model_rows(engine: Engine, job_id: str) -> list[ModelRow]:
+    with Session(engine) as session:
+        return list(session.exec(select(ModelRow).where(ModelRow.job_id == job_id)).all())
+
+
+def add_model(job_id: str):  # type: ignore[no-untyped-def]
+    def rows(session: Session) -> None:
+        session.add(ModelRow(id=f"ft:m:{job_id}", project_id="proj_test", job_id=job_id, base_model="m",
+                             storage_key=f"jobs/{job_id}/adapter"))  # fmt: skip
+        session.add(job_event(job_id, "New fine-tuned model created"))
+
+    return rows
+
+
+def leased_job(engine: Engine) -> str:
+    job_id = new_job(engine, S.running)
+    with Session(engine) as session:
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(lease_owner="w1", lease_epoch=2))  # type: ignore[arg-type]
+        session.commit()
+    return job_id
+
+
+def test_where_and_also_commit_the_rows_with_the_change(engine: Engine) -> None:
+    job_id = leased_job(engine)
+    transition(engine, job_id, S.succeeded, message="done", expect=S.running,
+               where={"lease_owner": "w1", "lease_epoch": 2}, also=add_model(job_id))  # fmt: skip
+    assert job_row(engine, job_id).status == "succeeded"
+    assert [m.id for m in model_rows(engine, job_id)] == [f"ft:m:{job_id}"]
+    assert [e.message for e in sorted(events(engine, job_id), key=lambda e: e.pk or 0)] == [
+        "New fine-tuned model created",
+        "done",
+    ]
+
+
+@pytest.mark.parametrize("where", [{"lease_owner": "w2", "lease_epoch": 2}, {"lease_owner": "w1", "lease_epoch": 1},
+                                   {"lease_owner": None}])  # fmt: skip
+def test_a_where_that_does_not_hold_writes_nothing(engine: Engine, where: dict) -> None:
+    job_id = leased_job(engine)
+    before, count = snapshot(job_row(engine, job_id)), event_count(engine)
+    with pytest.raises(IllegalTransition):
+        transition(engine, job_id, S.succeeded, message="late", where=where, also=add_model(job_id))
+    assert snapshot(job_row(engine, job_id)) == before and event_count(engine) == count
+    assert model_rows(engine, job_id) == []
+
+
+def test_also_raising_rolls_the_change_back(engine: Engine) -> None:
+    job_id = leased_job(engine)
+
+    def broken(session: Session) -> None:
+        add_model(job_id)(session)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        transition(engine, job_id, S.succeeded, message="done", also=broken)
+    assert job_row(engine, job_id).status == "running" and model_rows(engine, job_id) == []
+    assert events(engine, job_id) == []

@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 from core.base_models import TINY
 from core.db import init_db, make_engine
 from core.ids import new_id
-from core.queue import VALIDATE_JOB, connect, enqueue
+from core.queue import ADAPTER_CHANNEL, VALIDATE_JOB, AdapterEvent, connect, enqueue
 from core.settings import Settings
 from core.storage import ArtifactStore
 from core.store_keys import file_key
@@ -92,3 +92,22 @@ async def run_burst(settings: Settings) -> None:
 
 def burst(settings: Settings) -> None:
     asyncio.run(run_burst(settings))
+
+
+async def run_burst_listening(settings: Settings) -> list[AdapterEvent]:
+    """Run the worker until its queue is empty; returns the adapter events it published meanwhile."""
+    redis = await connect(settings.resolved_redis_url)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(ADAPTER_CHANNEL)
+    await pubsub.get_message(timeout=5)  # the subscription's confirmation: from here on nothing is missed
+    try:
+        await run_burst(settings)
+        events: list[AdapterEvent] = []
+        while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)) is not None:
+            event = AdapterEvent.decode(message["data"])
+            if event is not None:
+                events.append(event)
+        return events
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()

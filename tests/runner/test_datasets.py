@@ -94,3 +94,77 @@ def test_bucketing_reduces_padding_and_is_seeded() -> None:
     assert padding_share(lengths, bucketed) < 0.15 < 0.3 < padding_share(lengths, plain)
     assert bucketed == bucketed_batches(lengths, 8, seed=3, epoch=0)
     assert bucketed != bucketed_batches(lengths, 8, seed=3, epoch=1)
+
+
+def long_conversation(n: int) -> list[dict]:
+    return [{"role": ("user", "assistant")[i % 2], "content": f"message {i}"} for i in range(n)]
+
+
+def test_a_conversation_of_50000_messages_renders_the_template_once(tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    renders = 0
+    real = tokenizer.apply_chat_template
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal renders
+        renders += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", counting)
+    example = Tokenization(tokenizer).encode({"messages": long_conversation(50_000)})
+    assert renders == 3  # the conversation once, and twice probes of the template's assistant turn
+    trained = tokenizer.decode([t for t in example.labels if t != IGNORE])
+    assert trained.count("<|im_end|>") == 25_000 and trained.startswith(
+        "message 1<|im_end|>message 3<|im_end|>"
+    )
+    assert example.reference == "message 49999"
+
+
+EQUIVALENCE_CASES = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "assistant"},  # text that is also in the template's headers
+        {"role": "assistant", "content": "assistant"},
+        {"role": "user", "content": "user"},
+        {"role": "assistant", "content": "user", "weight": 0},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "assistant"},  # the same answer twice
+    ],
+    [
+        {"role": "developer", "content": "Answer in JSON."},
+        {"role": "user", "content": "Ünïcödé? 🙂"},
+        {"role": "assistant", "content": '{"status": "ok"}\n'},  # trailing whitespace in the answer
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "  spaced  "},
+        {"role": "user", "content": [{"type": "text", "text": "parts"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "answer in parts"}]},
+    ],
+    [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": ""},  # an empty answer
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "A"},
+    ],  # fmt: skip
+    long_conversation(40),
+    [{"role": "user", "content": "no answer at all"}],
+]
+
+
+@pytest.mark.parametrize("messages", EQUIVALENCE_CASES, ids=range(len(EQUIVALENCE_CASES)))
+def test_one_render_gives_the_labels_of_rendering_every_prefix(tokenizer, monkeypatch, messages) -> None:  # type: ignore[no-untyped-def]
+    fast = Tokenization(tokenizer).encode({"messages": messages})
+    monkeypatch.setattr(Tokenization, "_answer_spans", lambda self, messages, full: None)
+    by_prefixes = Tokenization(tokenizer).encode({"messages": messages})
+    assert (fast.input_ids, fast.labels) == (by_prefixes.input_ids, by_prefixes.labels)
+    assert (fast.prompt_messages, fast.reference) == (by_prefixes.prompt_messages, by_prefixes.reference)
+
+
+def test_an_answer_that_also_occurs_in_the_end_of_turn_is_trained(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    # Found by its position, not by its last occurrence in the rendered text (which for "d" is in `<|im_end|>`).
+    for answer in ["d", "e", "end"]:
+        messages = [
+            {"role": "user", "content": "Pick a, b, c or d"},
+            {"role": "assistant", "content": answer},
+        ]
+        example = Tokenization(tokenizer).encode({"messages": messages})
+        assert trained_text(tokenizer, example) == f"{answer}<|im_end|>"

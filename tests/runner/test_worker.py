@@ -24,24 +24,6 @@ from tests.runner.data import chat_lines, jsonl
 from tests.runner.factory import Factory, burst, run_burst
 
 
-@pytest.fixture
-def wsettings(settings: Settings) -> Settings:
-    return settings.model_copy(
-        update={
-            "train_threads": 1,
-            "lease_seconds": 2,
-            "reconcile_seconds": 1,
-            "resume_state_seconds": 0.3,
-            "worker_metrics_port": 0,
-        }  # fmt: skip
-    )
-
-
-@pytest.fixture
-def factory(wsettings: Settings) -> Factory:
-    return Factory(wsettings)
-
-
 def models_of(factory: Factory, job_id: str) -> list[ModelRow]:
     with Session(factory.engine) as session:
         return list(session.exec(select(ModelRow).where(ModelRow.job_id == job_id)).all())
@@ -303,3 +285,41 @@ def test_worker_process_metrics_and_graceful_stop(
     burst(wsettings)
     assert factory.row(job_id).status == "succeeded"
     assert len([m for m in factory.messages(job_id) if m.startswith("Resuming from step")]) == 1
+
+
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen([str(REPO / ".venv" / "bin" / "tuneworks"), "worker"], env=settings_env(settings),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_a_job_killed_more_often_than_the_limit_finishes_while_it_progresses(
+    factory: Factory, wsettings: Settings, tmp_path: Path
+) -> None:
+    """kill -9 of the worker four times (the limit is three), each time after the attempt trained some steps and
+    saved resume state: the crashes are ours, not the job's, so it resumes each time and succeeds."""
+    job_id = factory.job(jsonl(chat_lines(30)), hyperparameters=LONG)
+    asyncio.run(factory.enqueue(job_id))
+    kills = wsettings.job_max_attempts + 1
+    for kill in range(kills):
+        log = tmp_path / f"worker-{kill}.log"
+        proc = start_worker(wsettings, log)
+        try:
+            wanted = len(metric_steps(factory, job_id)) + 15  # about a second of training: state gets saved
+            deadline = time.monotonic() + 90
+            while len(metric_steps(factory, job_id)) < wanted:
+                job = factory.row(job_id)
+                assert job.status in {"validating_files", "queued", "running"}, (kill, job.status, job.error)
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    time.sleep(wsettings.lease_seconds + 0.5)
+    burst(wsettings)
+    job = factory.row(job_id)
+    assert job.status == "succeeded", (job.error, factory.messages(job_id))
+    resumed = [int(m.split()[3].split("/")[0]) for m in factory.messages(job_id) if m.startswith("Resuming")]
+    assert len(resumed) == kills and resumed == sorted(set(resumed)) and resumed[0] > 0  # progress every time
+    assert sorted(set(metric_steps(factory, job_id))) == list(range(1, 121)) and job.attempts == 0
