@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from core import metrics
 from core.hyperparameters import Hyperparameters
@@ -25,7 +25,7 @@ from core.job_spec import JobSpec
 from core.job_status import TERMINAL, JobStatus, add_event
 from core.storage import ArtifactStore, FenceLost
 from core.store_keys import state_key
-from core.tables import JobRow
+from core.tables import JobEventRow, JobRow
 from runner import artifacts, lease
 from runner.lease import Lease, LeaseLost
 from runner.trainer import StopReason, TrainCallbacks
@@ -53,6 +53,7 @@ class JobCallbacks(TrainCallbacks):
         self.deleted_models: list[str] = []
         self.started = time.monotonic()
         self.first_step: int | None = None
+        self.recorded_step = 0  # the highest step that already has a metrics event (from an earlier attempt)
         self.last_poll = 0.0
         self.last_estimate = 0.0
         self.last_metrics: dict[str, Any] = {}
@@ -61,6 +62,7 @@ class JobCallbacks(TrainCallbacks):
         update_job(self.engine, self.job.id, **self.spec.resolved_columns(hyperparameters),
                    total_steps=total_steps, step=step)  # fmt: skip
         self.first_step = step
+        self.recorded_step = last_recorded_step(self.engine, self.job.id)
         if step:
             add_event(
                 self.engine, self.job.id, f"Resuming from step {step}/{total_steps} (saved training state)"
@@ -70,9 +72,12 @@ class JobCallbacks(TrainCallbacks):
         self.last_metrics = values
         data = {k: v for k, v in values.items() if k in EVENT_METRICS}
         data["total_steps"] = total_steps
-        add_event(
-            self.engine, self.job.id, step_message(step, total_steps, values), type="metrics", data=data
-        )
+        # Steps between the resume state and a crash run twice; a resumed run reproduces them exactly, so the
+        # event the first run wrote stands, and each step has one metrics event.
+        if step > self.recorded_step:
+            add_event(
+                self.engine, self.job.id, step_message(step, total_steps, values), type="metrics", data=data
+            )
         count_step(self.job.model, values)
         if time.monotonic() - self.last_estimate >= ESTIMATE_SECONDS or step == total_steps:
             self.last_estimate = time.monotonic()
@@ -132,6 +137,18 @@ class JobCallbacks(TrainCallbacks):
         if status in TERMINAL:  # cancelled by the user, or failed / succeeded by someone else: stop
             return "cancel"
         return None
+
+
+def last_recorded_step(engine: Engine, job_id: str) -> int:
+    """The step of the job's newest metrics event (0 when none): events are written in step order."""
+    with Session(engine) as session:
+        data = session.exec(
+            select(JobEventRow.data)
+            .where(JobEventRow.job_id == job_id, JobEventRow.type == "metrics")
+            .order_by(col(JobEventRow.pk).desc())
+            .limit(1)
+        ).first()
+    return int((data or {}).get("step") or 0)
 
 
 def step_message(step: int, total_steps: int, values: dict[str, Any]) -> str:
