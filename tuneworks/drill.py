@@ -104,7 +104,7 @@ class Report:
             f"  jobs with more than one model: {self.jobs_with_several_models}",
             f"  duplicated events: {self.duplicated_events}",
             f"  files whose bytes disagree with their listing: {self.bad_files}",
-            f"  fine-tuned models answering afterwards: {self.models_answering}",
+            f"  fine-tuned models of the served base model answering afterwards: {self.models_answering}",
             f"  wall time: {self.wall_seconds:.0f} s",
             "  result: " + ("PASS" if self.ok else "FAIL"),
         ]
@@ -324,12 +324,16 @@ class Drill:
 
     def kill_worker(self) -> None:
         """Kill the worker at a random moment while a job trains, then time until training progresses again."""
-        self.stack.wait(lambda: self.running() or self.all_final(), 600, "a running job")
-        before = self.progress()
-        self.stack.wait(lambda: self.progress() > before or self.all_final(), 600, "training progress")
-        time.sleep(self.rng.uniform(0.0, 3.0))
-        if self.all_final() or not self.stack.kill("tuneworks.cli worker"):
-            return
+        while True:
+            if self.all_final():
+                self.create_job()  # every job ended before the faults did: a kill must still hit training
+            self.stack.wait(lambda: self.running() or self.all_final(), 600, "a running job")
+            before = self.progress()
+            self.stack.wait(lambda: self.progress() > before or self.all_final(), 600, "training progress")
+            time.sleep(self.rng.uniform(0.0, 1.5))
+            if not self.all_final() and self.stack.kill("tuneworks.cli worker"):
+                break
+            time.sleep(0.5)  # the job ended meanwhile, or `up` is still restarting the worker: try again
         killed_at = self.progress()
         seconds = self.stack.wait(
             lambda: self.progress() > killed_at or self.all_final(), 900, "training after a worker kill"
@@ -384,7 +388,7 @@ class Drill:
         actions = {"worker": self.kill_worker, "redis": self.kill_redis, "vllm": self.kill_vllm,
                    "api": self.kill_api_mid_upload}  # fmt: skip
         for fault in schedule:
-            if fault in {"worker", "redis"} and self.all_final():
+            if fault == "redis" and self.all_final():
                 self.create_job()  # every job ended before the faults did: kills must still hit training
             actions[fault]()
 

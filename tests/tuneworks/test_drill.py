@@ -31,7 +31,7 @@ def test_a_small_drill_loses_and_duplicates_nothing(tmp_path: Path, models_dir: 
             "FT_LOG_LEVEL": "INFO"}  # fmt: skip
     report = tmp_path / "drill.json"
     args = ["--worker-kills", "3", "--redis-kills", "1", "--vllm-kills", "1", "--api-kills", "1", "--jobs", "2",
-            "--epochs", "6", "--base-model", TINY, "--home", str(home), "--json", str(report), "--timeout", "900"]  # fmt: skip
+            "--epochs", "20", "--base-model", TINY, "--home", str(home), "--json", str(report), "--timeout", "900"]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "tuneworks.cli", "drill", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=1400)  # fmt: skip
     print(done.stdout[-3000:], done.stderr[-3000:])
