@@ -329,7 +329,9 @@ class Drill:
                 self.create_job()  # every job ended before the faults did: a kill must still hit training
             self.stack.wait(lambda: self.running() or self.all_final(), 600, "a running job")
             before = self.progress()
-            self.stack.wait(lambda: self.progress() > before or self.all_final(), 600, "training progress")
+            self.stack.wait(
+                lambda b=before: self.progress() > b or self.all_final(), 600, "training progress"
+            )
             time.sleep(self.rng.uniform(0.0, 1.5))
             if not self.all_final() and self.stack.kill("tuneworks.cli worker"):
                 break
