@@ -71,6 +71,56 @@ def test_base_answers_stay_base_when_every_slot_holds_an_adapter(serve, rows, an
     assert not wrong_adapter, wrong_adapter[:3]
 
 
+def _vllm_greedy(serve, model: str, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:  # type: ignore[no-untyped-def]
+    """vLLM's greedy token ids and their log-probabilities for a tokenized prompt (no chat template)."""
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    body |= {"logprobs": 1, "return_tokens_as_token_ids": True}
+    response = httpx.post(f"{serve.url}/v1/completions", json=body, headers=serve.headers, timeout=300)
+    assert response.status_code == 200, response.text
+    logprobs = response.json()["choices"][0]["logprobs"]
+    tokens = [int(token.removeprefix("token_id:")) for token in logprobs["tokens"]]
+    return tokens, [float(x) for x in logprobs["token_logprobs"]]
+
+
+def test_adapter_tokens_match_transformers_and_peft(serve, rows, trained, smollm2) -> None:  # type: ignore[no-untyped-def]
+    """The LoRA ops are numerically right: vLLM (float32) with the adapter gives the same greedy tokens, with the
+    same log-probabilities, as transformers + peft in float32 on the same prompt, and they differ from base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert serve.settings.vllm_dtype == "float32"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, str(trained["alpha"])).eval()
+    n = 12
+    for prompt in ("The old lighthouse keeper opened the bottle and read", "Question: what is 2+2? Answer:"):
+        ids = tokenizer(prompt)["input_ids"]
+        for name, served, reference in (
+            ("alpha", vllm_name(rows["alpha"]), peft_model),
+            ("base", SMOLLM2, None),
+        ):
+            tokens, logprobs = _vllm_greedy(serve, served, ids, n)
+            with torch.no_grad():
+                if reference is None:
+                    with peft_model.disable_adapter():
+                        logits = peft_model(torch.tensor([ids + tokens])).logits[0]
+                else:
+                    logits = reference(torch.tensor([ids + tokens])).logits[0]
+            steps = torch.log_softmax(logits[len(ids) - 1 : -1].float(), dim=-1)
+            expected = steps.argmax(dim=-1).tolist()
+            assert tokens == expected, f"{name} on {prompt!r}: vLLM {tokens} vs transformers {expected}"
+            theirs = steps.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
+            assert torch.allclose(torch.tensor(logprobs), theirs, atol=2e-2), (
+                name,
+                logprobs,
+                theirs.tolist(),
+            )
+        base_tokens, _ = _vllm_greedy(serve, SMOLLM2, ids, n)
+        alpha_tokens, _ = _vllm_greedy(serve, vllm_name(rows["alpha"]), ids, n)
+        assert base_tokens != alpha_tokens, "the adapter changed nothing: is LoRA applied at all?"
+
+
 def test_throughput_base_and_adapter(serve, rows) -> None:  # type: ignore[no-untyped-def]
     """Figures for the report: tokens/s of single 64-token completions (the adapter is told to keep going)."""
     for label, model in (("base", SMOLLM2), ("adapter", vllm_name(rows["alpha"]))):

@@ -62,3 +62,26 @@ def test_register_patches_each_holder_once() -> None:
     assert getattr(lora_ops, lora_fix._PATCHED_FLAG)
     assert punica_cpu.bgmv_shrink is lora_ops.bgmv_shrink
     assert not lora_fix.negative_index_leaks(punica_cpu.bgmv_shrink)
+
+
+def test_register_installs_the_segmented_ops_on_the_cpu() -> None:
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from serving import lora_ops as ours
+
+    lora_fix.register()
+    for name in lora_fix._OPS:
+        assert getattr(punica_cpu, name, getattr(lora_ops, name)) is getattr(ours, name)
+        assert getattr(lora_ops, name) is getattr(ours, name)
+    originals = lora_ops.__dict__[lora_fix._ORIGINALS]
+    assert lora_fix.negative_index_leaks(originals["bgmv_shrink"])  # vLLM's own op, kept for comparison
+
+
+def test_disabled_leaves_vllms_ops_alone(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def fail(_replacements: object) -> list[str]:
+        raise AssertionError("must not patch when disabled")
+
+    monkeypatch.setenv(lora_fix.DISABLE_ENV, "1")
+    monkeypatch.setattr(lora_fix, "_rebind", fail)
+    lora_fix.register()
