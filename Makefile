@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.tuneworks-installed
 FT_DEMO_HOME ?= $(CURDIR)/.demo
 
-.PHONY: install test lint typecheck pytest demo bench clean system-deps
+.PHONY: install test lint typecheck pytest demo bench drill clean system-deps
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -49,6 +49,10 @@ demo: install
 
 # bench/api_latency.py drives the API with Debian's wrk (and uploads with curl): installed only when missing.
 BENCH_PKGS = $(if $(shell command -v wrk),,wrk) $(if $(shell command -v curl),,curl)
+# The fault drill (tuneworks/drill.py): pass options with DRILL_ARGS="--worker-kills 5 ...".
+drill: install
+	$(PY) -m tuneworks.cli drill $(DRILL_ARGS)
+
 bench: install
 	@if [ -n "$(strip $(BENCH_PKGS))" ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BENCH_PKGS) >/dev/null; \
