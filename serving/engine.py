@@ -14,10 +14,13 @@ import importlib.metadata
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 # vLLM general plugins enabled in the server: our multi-LoRA fix and vLLM's on-demand adapter loader.
 PLUGINS = ("tuneworks_lora_fix", "lora_filesystem_resolver")
 _BACKOFF_FIRST, _BACKOFF_MAX = 2.0, 60.0
+_IPC_PATH_MAX = 100  # bytes of an `ipc://` address vLLM may bind (sun_path holds 107), with a margin
 _STABLE_SECONDS = 120.0  # a server that stayed up this long resets the backoff
 _HUNG_CHECKS = 6  # /health failures in a row (checked every 5 s) after which a live server is restarted
 
@@ -103,6 +107,7 @@ class VllmServer:
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._stopping = False
+        self._short_tmp: Path | None = None
 
     def command(self) -> list[str]:
         """The server's argv."""
@@ -131,7 +136,7 @@ class VllmServer:
             VLLM_PLUGINS=",".join(PLUGINS),
             VLLM_LORA_RESOLVER_CACHE_DIR=str(resolver_dir(self.settings, self.model.id)),
             VLLM_CACHE_ROOT=str(home / "cache" / "vllm"),
-            TMPDIR=str(home / "tmp"),
+            TMPDIR=str(self.tmpdir()),
             HF_HUB_OFFLINE="1",
         )
         if self.settings.vllm_api_key:  # in the environment, not on the command line that `ps` shows
@@ -241,11 +246,27 @@ class VllmServer:
         if self.proc is not None and self.proc.returncode is not None and not self._stopping:
             logger.error("vllm %s: exited with %s", self.model.id, self.proc.returncode)
 
+    def tmpdir(self) -> Path:
+        """vLLM's temporary folder: `FT_HOME/tmp`, unless its sockets' paths would be too long there.
+
+        vLLM binds ZeroMQ sockets at `ipc://$TMPDIR/<uuid>`, and a Unix socket path holds at most 107 bytes: under a
+        deep FT_HOME (a test's temporary folder, a long mount path) vLLM cannot start. Then a private folder of our
+        own under the system temp folder is used (made by `mkdtemp`, mode 0700, removed on stop).
+        """
+        own = self.settings.home_dir / "tmp"
+        if len(f"ipc://{own}/{uuid.uuid4()}") <= _IPC_PATH_MAX:
+            return own
+        if self._short_tmp is None:
+            self._short_tmp = Path(tempfile.mkdtemp(prefix="tw-vllm-"))
+        return self._short_tmp
+
     async def stop(self) -> None:
         """Stop supervising and stop the server's whole process group."""
         self._stopping = True
         await self.terminate()
         VLLM_UP.labels(self.model.id).set(0)
+        if self._short_tmp is not None:
+            shutil.rmtree(self._short_tmp, ignore_errors=True)
 
     async def terminate(self, timeout: float = 20.0) -> None:
         """SIGTERM the process group, then SIGKILL it after `timeout` seconds."""
