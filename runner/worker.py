@@ -93,7 +93,7 @@ def run_worker(settings: Settings) -> int:
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker_metrics_port, addr="0.0.0.0")
+        start_http_server(settings.worker_metrics_port, addr=settings.metrics_host)
         logger.info("worker metrics on port %d", settings.worker_metrics_port)
     Worker(**worker_settings(settings)).run()
     return 0
