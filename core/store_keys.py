@@ -30,3 +30,8 @@ def state_key(job_id: str) -> str:
 def drift_profile_key(job_id: str) -> str:
     """The drift profile of a job's training prompts (JSON)."""
     return f"jobs/{job_id}/drift_profile.json"
+
+
+def imported_adapter_key(import_id: str) -> str:
+    """An adapter imported through `POST /v1/models/import` (PEFT folder, as `adapter_key`)."""
+    return f"imports/{import_id}/adapter"

@@ -148,3 +148,19 @@ class IdempotencyRow(SQLModel, table=True):
     key: str
     object_id: str
     created_at: int = Field(default_factory=now)
+
+
+class CheckpointPermissionRow(SQLModel, table=True):
+    """Another project allowed to start fine-tuning jobs from a checkpoint (OpenAI's `checkpoint.permission`);
+    granted, listed and deleted by the checkpoint's own project only."""
+
+    __tablename__ = "checkpoint_permission"
+    __table_args__ = (
+        Index("ux_checkpoint_permission_checkpoint_project", "checkpoint", "project_id", unique=True),
+    )
+    pk: int | None = Field(default=None, primary_key=True)
+    id: str = Field(index=True, unique=True)  # "cp_…"
+    checkpoint: str  # the checkpoint's model name, `ft:...:ckpt-step-N`
+    owner_project_id: str = Field(index=True)  # the checkpoint's project
+    project_id: str  # the project granted
+    created_at: int = Field(default_factory=now)

@@ -48,6 +48,20 @@ def _row(session: Session, project: Project, model: str) -> ModelRow | None:
     return session.exec(statement).first()
 
 
+def live_row(session: Session, project: Project, model: str) -> ModelRow:
+    """The project's live fine-tuned model `model`.
+
+    Raises:
+        ModelNotFound: unknown, deleted, or another project's model.
+    """
+    row = _row(session, project, model)
+    if row is None:
+        raise ModelNotFound(
+            f"The model '{model}' does not exist or you do not have access to it.", param="model"
+        )
+    return row
+
+
 def retrieve(*, session: Session, settings: Settings, project: Project, model: str) -> Model:
     """One model by id (base id, `ft:` name or checkpoint name).
 
@@ -112,3 +126,13 @@ async def announce_deleted(redis: Any, names: list[str]) -> None:
             await queue.publish_adapter_event(redis, "deleted", name)
         except Exception as exc:
             logger.warning("model %s: could not announce the deletion (%s)", name, exc)
+
+
+async def announce_ready(redis: Any, name: str) -> None:
+    """Tell the serve processes that `name` is servable (their periodic sweep catches up when Redis is down)."""
+    try:
+        if redis is None:
+            raise ConnectionError("redis is down")
+        await queue.publish_adapter_event(redis, "ready", name)
+    except Exception as exc:
+        logger.warning("model %s: could not announce it (%s)", name, exc)

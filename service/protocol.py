@@ -145,6 +145,15 @@ class LoraConfig(OpenAIBaseModel):
         return value
 
 
+class EarlyStoppingConfig(OpenAIBaseModel):
+    """Extension: `"early_stopping": {"patience": N, "min_delta": x}` in the create body (needs a validation
+    file). Stops when the full validation loss has not improved by more than `min_delta` for `patience`
+    evaluations; the best weights become the fine-tuned model."""
+
+    patience: int = Field(ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0, description="The smallest drop of the loss that counts.")
+
+
 def _metadata(value: dict[str, Any] | None) -> dict[str, str] | None:
     if value is None:
         return None
@@ -175,6 +184,7 @@ class JobCreateRequest(OpenAIBaseModel):
     metadata: Metadata = None
     # --- Tuneworks extension ---
     lora: LoraConfig | None = None
+    early_stopping: EarlyStoppingConfig | None = None
 
     @field_validator("suffix")
     @classmethod
@@ -215,6 +225,7 @@ class FineTuningJob(OpenAIBaseModel):
     # --- Tuneworks extensions ---
     evaluation: dict[str, Any] | None = None  # metrics on the validation data at the end of training
     lora: dict[str, Any] = Field(default_factory=dict)  # LoRA settings (as asked, then as trained)
+    early_stopping: dict[str, Any] | None = None  # as asked; at the end also best_step, stopped_at_step
 
 
 class FineTuningJobList(OpenAIBaseModel):
@@ -276,3 +287,31 @@ class ModelDeleted(OpenAIBaseModel):
     id: str
     object: Literal["model"] = "model"
     deleted: bool
+
+
+# --- checkpoint permissions (`openai.types.fine_tuning.checkpoints`) -----------------------------------------
+class CheckpointPermission(OpenAIBaseModel):
+    id: str
+    created_at: int
+    object: Literal["checkpoint.permission"] = "checkpoint.permission"
+    project_id: str
+
+
+class CheckpointPermissionCreateRequest(OpenAIBaseModel):
+    project_ids: list[str]
+
+
+class CheckpointPermissionList(OpenAIBaseModel):
+    """The page of create (`SyncPage`) and of list (`SyncConversationCursorPage`)."""
+
+    object: Literal["list"] = "list"
+    data: list[CheckpointPermission]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class CheckpointPermissionDeleted(OpenAIBaseModel):
+    id: str
+    deleted: bool
+    object: Literal["checkpoint.permission"] = "checkpoint.permission"

@@ -47,12 +47,15 @@ def _parser() -> argparse.ArgumentParser:
         "report jobs lost, duplicates and recovery times (`tuneworks drill --help`)",
         add_help=False,
     )
-    models = sub.add_parser("models", help="list or prepare base models").add_subparsers(
+    models = sub.add_parser("models", help="base models; export or import fine-tuned ones").add_subparsers(
         dest="models_command", required=True
     )
     models.add_parser("list", help="list the base models and whether their weights are prepared")
     prepare = models.add_parser("prepare", help="prepare base model weights under FT_HOME/models")
     prepare.add_argument("model", nargs="*", help="model ids (default: FT_BASE_MODELS)")
+    from tuneworks import model_cli
+
+    model_cli.add_commands(models)  # export, import
     return parser
 
 
@@ -100,9 +103,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
         return keys.revoke_key_cli(settings, key=args.key, key_id=args.key_id)
     from tuneworks import model_cli
 
-    if args.models_command == "list":
-        return model_cli.list_models(settings)
-    return model_cli.prepare_models(settings, args.model or settings.base_model_ids)
+    return model_cli.dispatch(args, settings)
 
 
 if __name__ == "__main__":
