@@ -169,6 +169,20 @@ class Settings(BaseSettings):
         description="Seconds the gateway waits for the serve process to load an adapter vLLM did not hold "
         "(then a 503 with retry-after; the load goes on).",
     )
+    python_graders: bool = Field(
+        default=False,
+        description="Allow `python` graders (user code, run in a sandboxed process: see the README's Graders "
+        "section); off, a python grader is a 400.",
+    )
+    python_grader_timeout_seconds: float = Field(
+        default=30.0, description="Wall-clock limit of one python grader process (one sample or a batch)."
+    )
+    python_grader_cpu_seconds: int = Field(
+        default=20, description="CPU-time limit of one python grader process."
+    )
+    python_grader_memory_mb: int = Field(
+        default=1024, description="Address-space limit (RLIMIT_AS) of one python grader process, in MiB."
+    )
     log_level: str = Field(default="INFO", description="Python logging level.")
 
     @cached_property
