@@ -22,8 +22,11 @@ $(STAMP): $(PY) pyproject.toml
 	@touch $(STAMP)
 
 # Debian packages: redis-server (the queue, started by tests and `tuneworks up`), prometheus (promtool, for the
-# alert-rule tests). Installed only when missing.
-SYSTEM_PKGS := $(if $(shell command -v redis-server),,redis-server) $(if $(shell command -v promtool),,prometheus)
+# alert-rule tests), chromium (driven by Playwright in the web console's test), libtcmalloc-minimal4 (preloaded
+# into the worker by `tuneworks up`). Installed only when missing.
+SYSTEM_PKGS := $(if $(shell command -v redis-server),,redis-server) $(if $(shell command -v promtool),,prometheus) \
+	$(if $(shell command -v chromium),,chromium) \
+	$(if $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4),,libtcmalloc-minimal4)
 system-deps:
 	@if [ -n "$(strip $(SYSTEM_PKGS))" ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PKGS) >/dev/null; \
