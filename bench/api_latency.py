@@ -20,6 +20,8 @@ Environment:
     BENCH_CREATE_CLIENTS, BENCH_CREATE_ROUNDS   create benchmark (16 clients x 20 creates).
     BENCH_UPLOAD_MB     comma-separated upload sizes in MB of 10^6 bytes (100,1000; empty = no upload runs).
     BENCH_API_LOG       also copy the API's stderr (FT_LOG_LEVEL=WARNING) to this path.
+    BENCH_DATABASE_URL  the API's FT_DATABASE_URL (default: SQLite in the run's FT_HOME), e.g. a PostgreSQL
+                        `postgresql+psycopg://postgres@127.0.0.1:5432/bench` (an empty database per run).
     BENCH_RECOVER_SECONDS   after each load run, how long the endpoint may take to answer again (20); past that
                         the run is a stall and the API is restarted on the same FT_HOME, so the rest still runs.
 
@@ -97,6 +99,8 @@ class Server:
             FT_LOG_LEVEL="WARNING",
             FT_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
         )
+        if os.environ.get("BENCH_DATABASE_URL"):
+            self.env["FT_DATABASE_URL"] = os.environ["BENCH_DATABASE_URL"]
         if TREE != REPO:
             self.env["PYTHONPATH"] = os.pathsep.join([str(TREE), *filter(None, [self.env.get("PYTHONPATH")])])
         self.exe = [str(PYTHON), "-m", "tuneworks.cli"]
@@ -527,6 +531,9 @@ def main() -> dict[str, Any]:
         "tree": str(TREE),
         "commit": _commit(TREE),
         "cpu": _cpu(),
+        "database": "postgresql"
+        if os.environ.get("BENCH_DATABASE_URL", "").startswith("postgres")
+        else "sqlite",
         "wrk": {"threads": WRK_THREADS, "seconds": WRK_SECONDS, "timeout_s": WRK_TIMEOUT_S},
         "loadavg_1m_start": round(os.getloadavg()[0], 2),
     }

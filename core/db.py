@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
@@ -25,6 +27,7 @@ def make_engine(url: str, *, connections: int = 16) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
+            json_deserializer=json_loads,
             connect_args={"check_same_thread": False, "timeout": 60},
             pool_size=connections,
             max_overflow=0,
@@ -32,7 +35,17 @@ def make_engine(url: str, *, connections: int = 16) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     keep = max(2, connections // 4)
-    return create_engine(url, pool_pre_ping=True, pool_size=keep, max_overflow=connections - keep)
+    return create_engine(url, json_deserializer=json_loads, pool_pre_ping=True, pool_size=keep,
+                         max_overflow=connections - keep)  # fmt: skip
+
+
+def json_loads(text: str | bytes) -> Any:
+    """JSON columns decoded by orjson (several times faster than `json.loads` on the API's list pages); a value
+    orjson refuses (`NaN`, which `json.dumps` writes for a diverged loss) falls back to `json.loads`."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -61,3 +74,30 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def make_loop_reader(url: str) -> Engine | None:
+    """For SQLite, an engine of one read-only connection for reads run on the API's event loop; else None.
+
+    A read of one indexed row from SQLite costs tens of microseconds, less than handing it to a worker thread
+    and back. In WAL mode a reader never waits for a writer, so such a read does not block the loop; the rare
+    SQLITE_BUSY (WAL recovery, a checkpoint restart) waits at most `busy_timeout` (50 ms) before the caller gives
+    the read to a worker thread. `query_only` makes sure nothing on this connection ever writes. The one
+    connection (StaticPool) is used only from the event loop's thread, one read at a time. PostgreSQL reads cross
+    a network: they stay on worker threads.
+    """
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.pool import StaticPool
+
+    engine = create_engine(url, json_deserializer=json_loads, connect_args={"check_same_thread": False, "timeout": 0.05},
+                           poolclass=StaticPool)  # fmt: skip
+    event.listen(engine, "connect", _loop_reader_pragmas)
+    return engine
+
+
+def _loop_reader_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=50")
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()

@@ -84,12 +84,25 @@ async def connect(url: str, *, settings: RedisSettings | None = None) -> ArqRedi
     )
 
 
-async def enqueue(engine: Engine, redis: ArqRedis, *, function: str, job_id: str, queue_name: str) -> str:
-    """Record a new queue token on job `job_id`, then push the arq job. Returns the token."""
-    token = new_id(f"{function}:{job_id}:", 8)
-    # In a thread: a blocking database write on the event loop stalls every request in flight (and, with the
-    # connection pool exhausted by handlers that need the loop to finish, deadlocks until the pool timeout).
-    await asyncio.to_thread(_record_token, engine, job_id, token)
+def new_token(function: str, job_id: str) -> str:
+    """A queue token (the arq job id) for pushing `function` of job `job_id`."""
+    return new_id(f"{function}:{job_id}:", 8)
+
+
+async def enqueue(
+    engine: Engine, redis: ArqRedis, *, function: str, job_id: str, queue_name: str, token: str | None = None
+) -> str:
+    """Push the arq job `function` of job `job_id` under a queue token recorded on the job first. Returns it.
+
+    `token` is one the caller already committed with the job (a new job gets its token in the same transaction
+    that inserts it, which saves a write); without it a new one is recorded here. Recorded before pushed: when
+    the push fails, the reconciler finds a token that is not in Redis and pushes the job again.
+    """
+    if token is None:
+        token = new_token(function, job_id)
+        # In a thread: a blocking database write on the event loop stalls every request in flight (and, with the
+        # connection pool exhausted by handlers that need the loop to finish, deadlocks until the pool timeout).
+        await asyncio.to_thread(_record_token, engine, job_id, token)
     await redis.enqueue_job(function, job_id, _job_id=token, _queue_name=queue_name)
     logger.info("job %s: enqueued %s", job_id, function)
     return token

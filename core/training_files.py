@@ -17,11 +17,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+import orjson
+
 CHAT, COMPLETION, PREFERENCE = "chat", "completion", "preference"
 MESSAGE_KEYS = frozenset({"role", "content", "name", "function_call", "weight", "tool_calls", "tool_call_id"})
 ROLES = frozenset({"system", "user", "assistant", "tool", "function", "developer"})
 PREFERRED_KEYS = ("preferred_output", "preferred_completion")
 NON_PREFERRED_KEYS = ("non_preferred_output", "non_preferred_completion")
+_PREFERENCE_MARKS = frozenset(
+    {"input", *PREFERRED_KEYS, *NON_PREFERRED_KEYS}
+)  # any of these: a preference example
 PROBLEMS_PER_KEY = 5  # problems kept per key (counts cover every line)
 MAX_INT_DIGITS = 4300  # Python refuses to convert longer integers (`sys.get_int_max_str_digits()` default)
 SHOWN_CHARS = 40  # a user's value quoted in a problem message is cut to this many characters
@@ -181,7 +186,22 @@ def _count(
 def _parse(data: bytes, line: int) -> tuple[dict | None, list[Problem]]:
     """The line's JSON object, or the problem that stops it from being one. Strict JSON: `NaN` and `Infinity`
     are refused; nesting deeper than Python's parser can follow and integers Python cannot convert are problems
-    of the line, never exceptions."""
+    of the line, never exceptions.
+
+    orjson parses a valid line (strict RFC 8259 JSON, UTF-8 checked) several times faster than `json`; whatever
+    it refuses (bad JSON or encoding, but also integers past 64 bits and nesting past 1024 levels, which `json`
+    may accept) goes through `json` with its hooks, which accepts or names the problem exactly as before.
+    """
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return _parse_exactly(data, line)
+    if not isinstance(value, dict):
+        return None, [Problem("data_type", line, None, f"expected a JSON object, got {_kind(value)}")]
+    return value, []
+
+
+def _parse_exactly(data: bytes, line: int) -> tuple[dict | None, list[Problem]]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -241,7 +261,7 @@ def _path_of_huge_int(value: Any) -> str:
 
 def detect_format(example: dict) -> str:
     """The format one example is written in (chat when nothing else fits, as the cookbook assumes)."""
-    if "input" in example or any(k in example for k in PREFERRED_KEYS + NON_PREFERRED_KEYS):
+    if not _PREFERENCE_MARKS.isdisjoint(example):
         return PREFERENCE
     if "messages" not in example and ("prompt" in example or "completion" in example):
         return COMPLETION
@@ -280,6 +300,12 @@ def _check_chat(example: dict, line: int) -> list[Problem]:
 def _check_messages(messages: list, line: int, path: str) -> list[Problem]:
     problems: list[Problem] = []
     for index, message in enumerate(messages):
+        if (
+            type(message) is dict and len(message) == 2
+        ):  # the common `{"role": ..., "content": "..."}`, at once
+            role, content = message.get("role"), message.get("content")
+            if type(role) is str and role in ROLES and type(content) is str and content:
+                continue
         where = f"{path}[{index}]"
         if not isinstance(message, dict):
             problems.append(

@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import metrics
-from core.db import init_db, make_engine
+from core.db import init_db, make_engine, make_loop_reader
 from core.job_status import JobStatus
 from core.settings import Settings
 from core.storage import ArtifactStore
@@ -92,11 +92,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def _add_routes(app: FastAPI) -> None:
-    from service.routes import files, fine_tuning_jobs, models
+    from service.routes import checkpoints, files, fine_tuning_jobs, graders, models
 
     app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
     app.add_api_route("/ready", ready, methods=["GET"], include_in_schema=False)
-    for router in (files.router, fine_tuning_jobs.router, models.router):
+    for router in (files.router, fine_tuning_jobs.router, models.router, checkpoints.router, graders.router):
         app.include_router(router, prefix="/v1")
     try:
         inference = importlib.import_module("service.routes.inference")
@@ -105,6 +105,9 @@ def _add_routes(app: FastAPI) -> None:
     else:
         paths = [getattr(route, "path", "") for route in inference.router.routes]
         app.include_router(inference.router, prefix="" if all(p.startswith("/v1/") for p in paths) else "/v1")
+    from service import console
+
+    console.install(app)  # `/console` (the web console), `/` redirects there, `GET /v1/drift`
 
 
 @asynccontextmanager
@@ -114,9 +117,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # one connection at a time, so a pool of that size never makes a thread wait for a connection.
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     app.state.engine = make_engine(settings.resolved_database_url, connections=settings.api_threads + 4)
-    app.state.database = Database(app.state.engine)
     app.state.key_cache = KeyCache(ttl=settings.auth_cache_seconds)
     await run_in_threadpool(init_db, app.state.engine)
+    app.state.database = Database(
+        app.state.engine, loop_reader=make_loop_reader(settings.resolved_database_url)
+    )
     app.state.store = ArtifactStore(settings.artifacts_dir)
     app.state.redis = await connect_redis(settings)
     app.state.redis_tried_at = time.monotonic()
@@ -130,6 +135,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
+        if app.state.database.loop_reader is not None:
+            app.state.database.loop_reader.dispose()
         if app.state.redis is not None:
             await app.state.redis.aclose()
         inference_client = getattr(app.state, "inference_client", None)  # made lazily by service.gateway

@@ -26,10 +26,10 @@ from core.storage import ArtifactStore
 from core.store_keys import file_key
 from core.tables import FileRow, JobRow
 from core.training_files import read_lines, validate_jsonl
-from service import idempotency, pagination
+from service import idempotency
 from service.deps import Database
 from service.errors import APIError, InvalidRequest, PayloadTooLarge, not_found
-from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
+from service.protocol import USER_PURPOSES, FileDeleted, FileObject
 
 logger = logging.getLogger(__name__)
 
@@ -319,33 +319,6 @@ def get_row(*, session: Session, project_id: str, file_id: str, param: str = "id
     if row is None:
         raise not_found("File", file_id, param=param)
     return row
-
-
-def retrieve(*, session: Session, project_id: str, file_id: str) -> FileObject:
-    return to_openai(get_row(session=session, project_id=project_id, file_id=file_id))
-
-
-def list_files(
-    *, session: Session, project_id: str, purpose: str | None, limit: int, order: str, after: str | None
-) -> FileList:
-    """One page of the project's files, ordered by creation (`desc` newest first), after the file `after`."""
-    statement = select(FileRow).where(*visible(project_id))
-    if purpose is not None:
-        statement = statement.where(FileRow.purpose == purpose)
-    after_pk = (
-        None
-        if after is None
-        else pagination.cursor(session, FileRow, *visible(project_id), after=after, kind="file")
-    )
-    rows, has_more = pagination.page(session, statement, FileRow, after_pk=after_pk, limit=limit,
-                                     descending=order == "desc")  # fmt: skip
-    data = [to_openai(row) for row in rows]
-    return FileList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
 
 
 def content(*, session: Session, store: ArtifactStore, project_id: str, file_id: str) -> tuple[FileRow, str]:

@@ -1,8 +1,8 @@
 """API keys: each belongs to one project; only the sha256 of the secret is stored.
 
 A key looks like `sk-tw-<40 random url-safe characters>`. `authenticate_key` is what every request goes through
-(via the guard middleware, `deps.project_of_key`): a database lookup each time, no cache, so a revoked key is
-refused from the next request on. The `*_cli` functions back `tuneworks keys create|revoke|list`; a key is named
+(via the guard middleware and `deps.KeyCache`, whose entries live `auth_cache_seconds`, so a revoked key is refused
+within that time). The `*_cli` functions back `tuneworks keys create|revoke|list`; a key is named
 by its id (`key_...`, shown by `keys list`) so that revoking it needs no secret on a command line.
 """
 
@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from sqlalchemy import Connection, Table, bindparam
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -25,6 +27,11 @@ from core.settings import Settings
 from core.tables import ApiKey, Project
 
 logger = logging.getLogger(__name__)
+
+
+def _table(model: object) -> Table:
+    return model.__table__  # type: ignore[attr-defined]
+
 
 KEY_PREFIX = "sk-tw-"
 
@@ -108,6 +115,19 @@ def authenticate_key(engine: Engine, key: str) -> Project | None:
             .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at == None)  # noqa: E711
         )
         return session.exec(statement).first()
+
+
+_ACTIVE_KEY_PROJECT = (
+    sa_select(*_table(Project).c)
+    .join(_table(ApiKey), _table(ApiKey).c.project_id == _table(Project).c.id)
+    .where(_table(ApiKey).c.key_hash == bindparam("key_hash"), _table(ApiKey).c.revoked_at.is_(None))
+)
+
+
+def project_of_active_key(*, connection: Connection, key: str) -> Project | None:
+    """`authenticate_key` as one prepared Core query on a plain connection (the guard middleware's lookup)."""
+    row = connection.execute(_ACTIVE_KEY_PROJECT, {"key_hash": hash_key(key)}).first()
+    return None if row is None else Project(**row._mapping)
 
 
 def create_key_cli(settings: Settings, *, project: str) -> str:

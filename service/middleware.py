@@ -8,7 +8,8 @@
   at once, and the bytes are counted as they arrive (413 as soon as the limit is passed). A JSON body (at most
   `FT_MAX_REQUEST_BYTES`) is read whole and checked for nesting depth and NUL characters before a route parses
   it, so no route, the completions gateway included, can be reached by a body too deep to parse. A file upload
-  (`POST /v1/files`) is streamed to its route, counted against `FT_MAX_UPLOAD_BYTES` plus the multipart fields.
+  (`POST /v1/files`, and an adapter import `POST /v1/models/import`) is streamed to its route, counted against
+  `FT_MAX_UPLOAD_BYTES` plus the multipart fields.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import metrics
 from service import limits
-from service.deps import project_of_key
 from service.errors import APIError, PayloadTooLarge, envelope
 from service.files import MULTIPART_OVERHEAD_BYTES
 
@@ -140,10 +140,7 @@ class RequestGuardMiddleware:
         state = scope["app"].state
         if scope["path"].startswith("/v1/"):
             authorization = Headers(scope=scope).get("authorization", "")
-            project = state.key_cache.get(authorization)
-            if project is None:
-                project = await run_in_threadpool(project_of_key, state.engine, authorization)
-                state.key_cache.put(authorization, project)
+            project = await state.key_cache.resolve(authorization, state.database)
             scope.setdefault("state", {})["project"] = project  # `deps.ProjectDep` takes it from here
             if state.rate_limiter is not None:
                 state.rate_limiter.check(project.id)
@@ -172,7 +169,7 @@ class RequestGuardMiddleware:
 
 
 def _is_upload(scope: Scope) -> bool:
-    return scope["method"] == "POST" and scope["path"] == "/v1/files"
+    return scope["method"] == "POST" and scope["path"] in ("/v1/files", "/v1/models/import")
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from service import files
+from service import file_reads, files
 from service.deps import DatabaseDep, IdempotencyKeyDep, ProjectDep, SettingsDep, StoreDep
 from service.errors import GUARDED, documented
 from service.protocol import USER_PURPOSES, FileDeleted, FileList, FileObject
+from service.responses import wire
 
 router = APIRouter(tags=["files"], responses=documented(*GUARDED))
 
@@ -43,7 +44,7 @@ async def create_file(request: Request, project: ProjectDep, db: DatabaseDep, st
     )  # fmt: skip
 
 
-@router.get("/files")
+@router.get("/files", response_model=FileList)
 async def list_files(
     project: ProjectDep,
     db: DatabaseDep,
@@ -51,15 +52,15 @@ async def list_files(
     limit: int = Query(10000, ge=1, le=10000),
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
-) -> FileList:
-    return await db.run(
-        files.list_files, project_id=project.id, purpose=purpose, limit=limit, order=order, after=after
-    )
+) -> Response:
+    page = await db.read(file_reads.list_files, inline=limit <= file_reads.INLINE_PAGE, project_id=project.id,
+                         purpose=purpose, limit=limit, order=order, after=after)  # fmt: skip
+    return wire(page)
 
 
-@router.get("/files/{file_id}", responses=documented(404))
-async def retrieve_file(file_id: str, project: ProjectDep, db: DatabaseDep) -> FileObject:
-    return await db.run(files.retrieve, project_id=project.id, file_id=file_id)
+@router.get("/files/{file_id}", response_model=FileObject, responses=documented(404))
+async def retrieve_file(file_id: str, project: ProjectDep, db: DatabaseDep) -> Response:
+    return wire(await db.read(file_reads.retrieve, project_id=project.id, file_id=file_id))
 
 
 @router.get("/files/{file_id}/content", responses=documented(404))

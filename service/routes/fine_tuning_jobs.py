@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from core import queue
-from service import jobs
+from service import event_stream, job_reads, jobs
 from service.deps import DatabaseDep, EngineDep, IdempotencyKeyDep, ProjectDep, RedisDep, SettingsDep
 from service.errors import GUARDED, InvalidRequest, documented
 from service.protocol import (
@@ -16,6 +16,7 @@ from service.protocol import (
     FineTuningJobList,
     JobCreateRequest,
 )
+from service.responses import wire
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=documented(*GUARDED))
 
@@ -32,24 +33,23 @@ async def create_job(body: JobCreateRequest, project: ProjectDep, engine: Engine
         idempotency_key=idempotency_key,
     )
     if new:
-        await jobs.enqueue(
-            engine=engine, redis=redis, settings=settings, function=queue.VALIDATE_JOB, job_id=row.id
-        )
+        await jobs.enqueue(engine=engine, redis=redis, settings=settings, function=queue.VALIDATE_JOB,
+                           job_id=row.id, token=row.queue_token)  # fmt: skip
     return jobs.to_openai(row)
 
 
-@router.get("")
+@router.get("", response_model=FineTuningJobList)
 async def list_jobs(request: Request, project: ProjectDep, db: DatabaseDep, after: str | None = None,
-                    limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:  # fmt: skip
+                    limit: int = Query(20, ge=1, le=100)) -> Response:  # fmt: skip
     metadata, metadata_null = _metadata_filter(request)
-    return await db.run(
-        jobs.list_jobs,
+    return wire(await db.read(
+        job_reads.list_jobs,
         project_id=project.id,
         after=after,
         limit=limit,
         metadata=metadata,
         metadata_null=metadata_null,
-    )
+    ))  # fmt: skip
 
 
 def _metadata_filter(request: Request) -> tuple[dict[str, str], bool]:
@@ -63,9 +63,9 @@ def _metadata_filter(request: Request) -> tuple[dict[str, str], bool]:
     return pairs, request.query_params.get("metadata") == "null"
 
 
-@router.get("/{fine_tuning_job_id}", responses=documented(404))
-async def retrieve_job(fine_tuning_job_id: str, project: ProjectDep, db: DatabaseDep) -> FineTuningJob:
-    return await db.run(jobs.retrieve, project_id=project.id, job_id=fine_tuning_job_id)
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=documented(404))
+async def retrieve_job(fine_tuning_job_id: str, project: ProjectDep, db: DatabaseDep) -> Response:
+    return wire(await db.read(job_reads.retrieve, project_id=project.id, job_id=fine_tuning_job_id))
 
 
 @router.post("/{fine_tuning_job_id}/cancel", responses=documented(404))
@@ -92,18 +92,23 @@ async def resume_job(fine_tuning_job_id: str, project: ProjectDep, engine: Engin
     return jobs.to_openai(row)
 
 
-@router.get("/{fine_tuning_job_id}/events", responses=documented(404))
-async def list_events(fine_tuning_job_id: str, project: ProjectDep, db: DatabaseDep, after: str | None = None,
-                      limit: int = Query(20, ge=1, le=100)) -> FineTuningJobEventList:  # fmt: skip
-    return await db.run(
-        jobs.list_events, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
-    )
+@router.get("/{fine_tuning_job_id}/events", response_model=FineTuningJobEventList, responses=documented(404))
+async def list_events(request: Request, fine_tuning_job_id: str, project: ProjectDep, db: DatabaseDep,
+                      after: str | None = None,
+                      limit: int = Query(20, ge=1, le=100)) -> Response:  # fmt: skip
+    if event_stream.wants_stream(request):  # `?stream=true`: server-sent events (service/event_stream.py)
+        return await event_stream.stream_events(
+            request=request, database=db, project_id=project.id, job_id=fine_tuning_job_id
+        )
+    return wire(await db.read(
+        job_reads.list_events, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
+    ))  # fmt: skip
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints", responses=documented(404))
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=FineTuningJobCheckpointList,
+            responses=documented(404))  # fmt: skip
 async def list_checkpoints(fine_tuning_job_id: str, project: ProjectDep, db: DatabaseDep,
-                           after: str | None = None,
-                           limit: int = Query(10, ge=1, le=100)) -> FineTuningJobCheckpointList:  # fmt: skip
-    return await db.run(
-        jobs.list_checkpoints, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
-    )
+                           after: str | None = None, limit: int = Query(10, ge=1, le=100)) -> Response:  # fmt: skip
+    return wire(await db.read(
+        job_reads.list_checkpoints, project_id=project.id, job_id=fine_tuning_job_id, after=after, limit=limit
+    ))  # fmt: skip

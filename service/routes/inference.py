@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.engine import Engine
 
+from core.settings import Settings
+from core.tables import Project
 from service import gateway
 from service.deps import EngineDep, ProjectDep, SettingsDep, get_redis
 from service.errors import InvalidRequest
@@ -33,29 +36,23 @@ def _redis(request: Request) -> gateway.RedisGetter:
 async def chat_completions(
     request: Request, project: ProjectDep, settings: SettingsDep, engine: EngineDep
 ) -> JSONResponse | StreamingResponse:
-    body = await _json_body(request)
-    return await gateway.complete(
-        state=request.app.state,
-        settings=settings,
-        engine=engine,
-        project=project,
-        endpoint="chat",
-        body=body,
-        redis=_redis(request),
-    )
+    return await _complete(request, project, settings, engine, "chat")
 
 
 @router.post("/completions", response_model=None)
 async def completions(
     request: Request, project: ProjectDep, settings: SettingsDep, engine: EngineDep
 ) -> JSONResponse | StreamingResponse:
+    return await _complete(request, project, settings, engine, "completions")
+
+
+async def _complete(
+    request: Request,
+    project: Project,
+    settings: Settings,
+    engine: Engine,
+    endpoint: Literal["chat", "completions"],
+) -> JSONResponse | StreamingResponse:
     body = await _json_body(request)
-    return await gateway.complete(
-        state=request.app.state,
-        settings=settings,
-        engine=engine,
-        project=project,
-        endpoint="completions",
-        body=body,
-        redis=_redis(request),
-    )
+    return await gateway.complete(state=request.app.state, settings=settings, engine=engine, project=project,
+                                  endpoint=endpoint, body=body, redis=_redis(request))  # fmt: skip

@@ -135,8 +135,12 @@ def test_without_redis_jobs_are_committed_and_enqueued_once_it_is_back(tmp_path)
         with Session(engine) as session:
             tokens = {j.id: j.queue_token for j in session.exec(select(JobRow)).all()}
         engine.dispose()
-        assert tokens[offline.id] is None  # left to the worker's reconciler
-        assert tokens[online] is not None
+        queued = redis.Redis.from_url(settings.resolved_redis_url)
+        try:  # every job is committed with its queue token; only the online one was pushed under it
+            assert queued.zscore(settings.queue_name, str(tokens[offline.id])) is None  # left to the reconciler
+            assert queued.zscore(settings.queue_name, str(tokens[online])) is not None
+        finally:
+            queued.close()
         assert httpx.get(f"{root}/ready").json()["status"] == "ok"
     finally:
         server.stop()
