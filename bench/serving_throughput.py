@@ -2,8 +2,9 @@
 
 For each dtype in BENCH_VLLM_DTYPES (default "auto", what `tuneworks serve` picks; "bfloat16,float32" compares)
 and each LoRA op set in BENCH_LORA_OPS (default "vllm,tuneworks": vLLM's own PyTorch ops, started with
-`TUNEWORKS_LORA_FIX_DISABLED=1`, then the segmented ops of `serving.lora_ops`), one server each, one after
-another in the same run:
+`TUNEWORKS_LORA_FIX_DISABLED=1`, then what the plugin installs: the fused layer of `serving.lora_ops`;
+"segmented" is the plugin's six segmented ops under vLLM's per-slice wrapper, `TUNEWORKS_LORA_FUSED_DISABLED=1`),
+one server each, one after another in the same run:
 - start-up time to a healthy server;
 - hot-load latency of 4 new adapters: from the `/v1/load_lora_adapter` call that `tuneworks serve` makes when a
   job succeeds, to the first streamed token of a request to that adapter (p50 and max);
@@ -33,8 +34,9 @@ from core.settings import SMOLLM2, Settings
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 OPS_ENV = "TUNEWORKS_LORA_FIX_DISABLED"  # serving.lora_fix.DISABLE_ENV (bench does not import serving)
+FUSED_ENV = "TUNEWORKS_LORA_FUSED_DISABLED"  # serving.lora_fix.FUSED_DISABLE_ENV
 CLASSIFY_REQUESTS = 6
-ROUNDS = 2
+ROUNDS = int(os.environ.get("BENCH_SERVING_ROUNDS", "2"))  # fewer on a crowded machine
 _TOPICS = ["markets", "football", "elections", "climate", "chip makers", "a film festival", "rail strikes"]
 _SENTENCES = [
     "Officials said on {day} that the {topic} story was developing faster than analysts had expected.",
@@ -165,10 +167,14 @@ async def _measure(dtype: str, ops: str, home: Path, adapters: list[Path]) -> di
     from core.weights import ensure_prepared
     from serving.engine import VllmServer
 
+    os.environ.pop(OPS_ENV, None)
+    os.environ.pop(FUSED_ENV, None)
     if ops == "vllm":
         os.environ[OPS_ENV] = "1"  # the server inherits it: vLLM's own ops (and their index -1 bug)
+    elif ops == "segmented":
+        os.environ[FUSED_ENV] = "1"  # our six segmented ops under vLLM's per-slice add_lora_linear
     else:
-        os.environ.pop(OPS_ENV, None)
+        assert ops == "tuneworks", f"unknown BENCH_LORA_OPS entry {ops!r}"
     settings = Settings(home=home, vllm_dtype=dtype, vllm_base_port=8990, vllm_max_loras=len(adapters))
     server = VllmServer(settings=settings, model=ensure_prepared(settings, SMOLLM2))
     started = time.perf_counter()
@@ -217,6 +223,7 @@ async def _measure(dtype: str, ops: str, home: Path, adapters: list[Path]) -> di
     finally:
         await server.terminate()
         os.environ.pop(OPS_ENV, None)
+        os.environ.pop(FUSED_ENV, None)
     return figures
 
 

@@ -14,6 +14,9 @@ B.T`), computed in the output tensor's dtype as vLLM does (shrink usually writes
 writes the model dtype). The `sgmv_*` (prefill, and on the CPU every step, since vLLM V1 always takes the
 "prefill" path there) use the sequence segments vLLM already computed; the `bgmv_*` find segments with
 `torch.unique_consecutive`.
+
+`fused_lora_linear` (installed by the plugin as `PunicaWrapperCPU.add_lora_linear`) does a whole LoRA'd layer at
+once: all packed slices in one shrink and one block-diagonal expand, see the section at the end.
 """
 
 from __future__ import annotations
@@ -269,3 +272,192 @@ OPS = {
     "sgmv_expand": sgmv_expand,
     "sgmv_expand_slice": sgmv_expand_slice,
 }
+
+
+# --- one layer at a time: `PunicaWrapperCPU.add_lora_linear` -----------------------------------------------------
+#
+# vLLM's wrapper runs, per LoRA'd layer, one shrink and one expand *per packed slice* (qkv: 3 + 3, gate_up: 2 + 2)
+# into a float32 buffer it allocates and zeroes, each op re-deriving the token grouping. `add_lora_linear` below
+# does a whole layer in two matmuls per adapter slot: the slices' A matrices stacked into one `[sum rank, in]`
+# matrix (the slices share `x`), and their B matrices into one block-diagonal `[sum out, sum rank]` matrix that
+# writes the packed output in one pass. The token grouping is computed once per step (`Step`), and the stacked
+# weights once per adapter load (`Fused`, keyed by a generation that `weights_changed()` bumps: the plugin calls
+# it after vLLM's `LoRAModelManager.activate_adapter`, the one place that writes a slot; and by the stacks'
+# version counters where they have them: tensors made under `torch.inference_mode` do not). With one slot for every row, a layer is `y.addmm_(x @ A.T, B.T)`; with several slots and few rows
+# (decode), all slots at once: one matmul against every slot's A, a per-row slot mask, one matmul against every
+# slot's B (the extra FLOPs are cheaper than a small matmul per slot); with many rows, one pair per slot.
+
+DENSE_MAX_ROWS = 32  # several slots and at most this many rows: the all-slots form (see above)
+
+
+class Step:
+    """Per-step token grouping, built from vLLM's per-token slot indices the first time a layer needs it."""
+
+    __slots__ = ("groups", "masks", "rows", "single", "slots", "token_slots")
+
+    def __init__(self, token_slots: torch.Tensor) -> None:
+        p = token_plan(token_slots) if token_slots.numel() else Plan((), True, 0)
+        self.token_slots = token_slots
+        self.rows = p.total
+        self.groups = p.groups
+        self.slots = tuple(slot for slot, _ in p.groups)
+        # the slot when every row has that one slot
+        self.single = self.slots[0] if len(self.slots) == 1 and p.covered else -1
+        self.masks: dict[tuple[int, int, torch.dtype, float], torch.Tensor] = {}
+
+    def mask(self, slots: int, rank: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
+        """`[rows, slots * rank]`: `scale` in the columns of each row's slot, 0 elsewhere (and for no slot)."""
+        key = (slots, rank, dtype, scale)
+        found = self.masks.get(key)
+        if found is None:
+            ids = self.token_slots
+            onehot = torch.zeros(ids.shape[0], slots + 1, dtype=dtype)
+            onehot[torch.arange(ids.shape[0]), torch.where(ids < 0, slots, ids)] = scale
+            found = onehot[:, :slots].repeat_interleave(rank, dim=1).contiguous()
+            self.masks[key] = found
+        return found
+
+
+class Fused(NamedTuple):
+    versions: tuple[int, ...]
+    a: torch.Tensor  # [slots, sum rank, in]: the slices' A stacked
+    b: torch.Tensor  # [slots, sum out, sum rank]: the slices' B, block-diagonal
+    a_all: torch.Tensor  # [slots * sum rank, in]
+    b_all: torch.Tensor  # [sum out, slots * sum rank]
+    gemms: dict[tuple[str, int], object]  # oneDNN handles, made the first time a slot's product is needed
+
+
+def _onednn() -> object | None:
+    """vLLM's oneDNN GEMM (`vllm._custom_ops.onednn_mm`, what its CPU linear layers use, on weights packed once):
+    a small bf16 product costs a fraction of `torch.mm`'s, which re-packs the weight on every call."""
+    if _ONEDNN_STATE:
+        return _ONEDNN_STATE[0]
+    found: object | None = None
+    if USE_ONEDNN:
+        try:
+            from vllm import _custom_ops
+
+            found = _custom_ops if getattr(_custom_ops, "_supports_onednn", False) else None
+        except Exception:  # noqa: BLE001 - no vLLM C++ ops (or a build without oneDNN): plain torch
+            found = None
+    _ONEDNN_STATE.append(found)
+    return found
+
+
+USE_ONEDNN = True  # tests turn it off to check the torch form too
+_ONEDNN_STATE: list[object | None] = []
+
+
+def _product(f: Fused, name: str, slot: int, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T`, through a oneDNN handle packed once per (layer, slot, weight) where vLLM has one."""
+    ops = _onednn() if x.dtype in (torch.bfloat16, torch.float32) else None
+    if ops is None:
+        return x @ weight.T
+    handle = f.gemms.get((name, slot))
+    if handle is None:
+        handle = ops.create_onednn_mm(weight.T, 32)  # type: ignore[attr-defined]
+        f.gemms[(name, slot)] = handle
+    return ops.onednn_mm(handle, x.contiguous(), None)  # type: ignore[attr-defined,no-any-return]
+
+
+_FUSED: dict[int, tuple[object, Fused]] = {}
+_GENERATION = [0]
+
+
+def weights_changed() -> None:
+    """Forget the stacked weights: call after writing an adapter into a slot of vLLM's stacks."""
+    _GENERATION[0] += 1
+
+
+def _versions(stacks: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    if any(t.is_inference() for t in stacks):
+        return (_GENERATION[0],)
+    return (_GENERATION[0], *(t._version for t in stacks))
+
+
+def fused_weights(
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    output_slices: Sequence[int],
+    dtype: torch.dtype,
+) -> Fused:
+    """The stacked weights of one layer (vLLM's `[slots, 1, rank, in]` / `[slots, 1, out, rank]` per slice)."""
+    import weakref
+
+    stacks = (*lora_a, *lora_b)
+    versions = _versions(stacks)
+    key = id(lora_a[0])
+    entry = _FUSED.get(key)
+    if entry is not None:
+        ref, fused = entry
+        if ref() is lora_a[0] and fused.versions == versions and fused.a.dtype == dtype:  # type: ignore[operator]
+            return fused
+    a = torch.cat([w[:, 0] for w in lora_a], dim=1).to(dtype=dtype)
+    slots, ranks = a.shape[0], [w.shape[-2] for w in lora_a]
+    b = torch.zeros(slots, sum(output_slices), sum(ranks), dtype=dtype)
+    out_off = rank_off = 0
+    for w, size, rank in zip(lora_b, output_slices, ranks, strict=True):
+        b[:, out_off : out_off + size, rank_off : rank_off + rank] = w[:, 0, :size, :rank]
+        out_off, rank_off = out_off + size, rank_off + rank
+    fused = Fused(
+        versions,
+        a.contiguous(),
+        b,
+        a.reshape(slots * a.shape[1], a.shape[2]),
+        b.permute(1, 0, 2).reshape(b.shape[1], slots * b.shape[2]).contiguous(),
+        {},
+    )
+    if len(_FUSED) >= 4 * _MAX_PLANS:
+        _FUSED.clear()
+    _FUSED[key] = (weakref.ref(lora_a[0]), fused)
+    return fused
+
+
+def fused_lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scale: float,
+    output_slices: Sequence[int],
+    step: Step,
+) -> bool:
+    """`y += delta` for one LoRA'd layer, all its slices at once. False (nothing done) for layouts it does not
+    handle (the caller then runs vLLM's per-slice path)."""
+    if not step.slots:
+        return True  # no row has an adapter: zero delta
+    if (
+        y.dim() != 2
+        or x.dim() != 2
+        or not y.is_contiguous()
+        or y.shape[0] != step.rows
+        or x.shape[0] != step.rows
+        or y.shape[1] != sum(output_slices)
+        or any(w.dim() != 4 or w.shape[1] != 1 for w in (*lora_a, *lora_b))
+        or any(w.shape[-2] < size for w, size in zip(lora_b, output_slices, strict=True))
+    ):
+        return False
+    dtype = y.dtype
+    f = fused_weights(lora_a, lora_b, output_slices, dtype)
+    x = x.to(dtype=dtype)
+    if step.single >= 0:
+        slot = step.single
+        h = _product(f, "a", slot, f.a[slot], x)
+        if scale != 1.0:
+            h *= scale
+        y += _product(f, "b", slot, f.b[slot], h)
+    elif step.rows <= DENSE_MAX_ROWS:
+        h = _product(f, "a_all", -1, f.a_all, x)
+        h *= step.mask(f.a.shape[0], f.a.shape[1], dtype, scale)
+        y += _product(f, "b_all", -1, f.b_all, h)
+    else:
+        for slot, rows in step.groups:
+            h = _product(f, "a", slot, f.a[slot], _take(x, rows))
+            if scale != 1.0:
+                h *= scale
+            delta = _product(f, "b", slot, f.b[slot], h)
+            if isinstance(rows, slice):
+                y[rows] += delta
+            else:
+                y.index_add_(0, rows, delta)
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from serving import lora_fix
@@ -85,3 +86,55 @@ def test_disabled_leaves_vllms_ops_alone(monkeypatch) -> None:  # type: ignore[n
     monkeypatch.setenv(lora_fix.DISABLE_ENV, "1")
     monkeypatch.setattr(lora_fix, "_rebind", fail)
     lora_fix.register()
+
+
+def _wrapper_step(wrapper: object, per_token: list[int]) -> None:
+    from vllm.lora.layers import LoRAMapping
+
+    mapping = LoRAMapping(tuple(per_token), tuple(per_token), is_prefill=True)
+    wrapper.update_metadata(mapping, [1, 2, 3, None], 4, 1000)  # type: ignore[attr-defined]  # lora id = slot + 1
+
+
+def test_register_fuses_add_lora_linear_with_a_fresh_grouping_every_step() -> None:
+    """Through vLLM's own PunicaWrapperCPU: the fused layer equals vLLM's per-slice path (with the fixed ops),
+    base tokens keep the base output, and the next step's mapping is used, not the previous one's."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    lora_fix.register()
+    originals = PunicaWrapperCPU.__dict__[lora_fix._ORIGINALS]
+    assert PunicaWrapperCPU.add_lora_linear is not originals["add_lora_linear"]
+    torch.manual_seed(0)
+    slices, fan_in = (24, 8, 8), 16
+    lora_a = tuple(torch.randn(4, 1, 4, fan_in) for _ in slices)
+    lora_b = tuple(torch.randn(4, 1, out, 4) for out in slices)
+    x = torch.randn(6, fan_in)
+    wrapper = PunicaWrapperCPU(64, 16, "cpu")
+    for per_token in ([1, 1, 0, 0, 0, 2], [0, 0, 0, 0, 0, 0], [2, 2, 2, 2, 2, 2], [0, 1, 0, 2, 0, 1]):
+        _wrapper_step(wrapper, per_token)
+        ours, theirs = torch.zeros(6, 40), torch.zeros(6, 40)
+        wrapper.add_lora_linear(ours, x, lora_a, lora_b, 1.0, slices)
+        originals["add_lora_linear"](wrapper, theirs, x, lora_a, lora_b, 1.0, slices)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        base = torch.tensor(per_token) == 0  # lora id 0: no adapter (slot -1)
+        assert torch.count_nonzero(ours[base]) == 0
+        assert torch.count_nonzero(ours[~base]) == (~base).sum() * 40
+
+
+def test_activating_an_adapter_invalidates_the_stacked_weights(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from vllm.lora import model_manager
+
+    from serving import lora_ops
+
+    lora_fix.register()
+    before = lora_ops._GENERATION[0]
+    original = model_manager.LoRAModelManager.__dict__["activate_adapter"]
+    assert original.__name__ == "activate_adapter" and original.__module__ == lora_fix.__name__
+    already = type("Stub", (), {"_registered_adapters": {}, "_active_adapters": {7: None}})()
+    assert original(already, 7) is False  # already active (every step, for every request): nothing written
+    assert lora_ops._GENERATION[0] == before  # so the stacked weights stay cached
+    fresh = type(
+        "Stub", (), {"_registered_adapters": {}, "_active_adapters": {}, "lora_index_to_id": [None]}
+    )()
+    with pytest.raises(KeyError):  # vLLM took the slot, then failed: whatever it wrote is forgotten
+        original(fresh, 7)
+    assert lora_ops._GENERATION[0] == before + 1

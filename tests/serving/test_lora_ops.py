@@ -204,3 +204,140 @@ def test_plans_group_segments_by_slot_and_skip_base() -> None:
     )  # two segments: an index tensor
     assert by_slot[1] == slice(5, 9)  # one segment: a slice, no copy
     assert lora_ops.plan([1, 1], [2, 3]).covered
+
+
+# --- the fused layer (`fused_lora_linear`, what the plugin installs as PunicaWrapperCPU.add_lora_linear) ---
+
+PACKED = {  # output slices per layer of SmolLM2 (qkv, o, gate_up, down), and small ones
+    "qkv": ((576, 192, 192), 576),
+    "o": ((576,), 576),
+    "gate_up": ((1536, 1536), 576),
+    "down": ((576,), 1536),
+    "small_qkv": ((64, 32, 32), 48),
+}
+
+
+def _layer(
+    slices: tuple[int, ...], fan_in: int, ranks: tuple[int, ...], max_rank: int, dtype: torch.dtype
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """vLLM's stacks (`[slots, 1, max_rank, in]`, `[slots, 1, out, max_rank]`), slice i's adapter of rank
+    `ranks[i]` zero-padded to `max_rank` as vLLM's `set_lora` leaves it."""
+    lora_a, lora_b = [], []
+    for out, rank in zip(slices, ranks, strict=True):
+        a = torch.zeros(SLOTS, 1, max_rank, fan_in, dtype=dtype)
+        b = torch.zeros(SLOTS, 1, out, max_rank, dtype=dtype)
+        a[:, :, :rank] = torch.randn(SLOTS, 1, rank, fan_in) * 0.1
+        b[:, :, :, :rank] = torch.randn(SLOTS, 1, out, rank) * 0.1
+        lora_a.append(a)
+        lora_b.append(b)
+    return tuple(lora_a), tuple(lora_b)
+
+
+def _plain_reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: tuple[torch.Tensor, ...],
+    lora_b: tuple[torch.Tensor, ...],
+    scale: float,
+    slices: tuple[int, ...],
+    per_token: torch.Tensor,
+) -> torch.Tensor:
+    """Token by token, slice by slice, in float64: y[i, slice] += scale * x[i] @ A[slot].T @ B[slot].T."""
+    out = y.double().clone()
+    for i, slot in enumerate(per_token.tolist()):
+        if slot < 0:
+            continue
+        offset = 0
+        for a, b, size in zip(lora_a, lora_b, slices, strict=True):
+            h = scale * (x[i].double() @ a[slot, 0].double().T)
+            out[i, offset : offset + size] += h @ b[slot, 0].double().T
+            offset += size
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layer", ["qkv", "gate_up", "down", "small_qkv"])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_fused_layer_matches_a_plain_reference(
+    kind: str, dtype: torch.dtype, layer: str, onednn: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lora_ops, "USE_ONEDNN", onednn)
+    monkeypatch.setattr(lora_ops, "_ONEDNN_STATE", [])
+    per_token, _meta, tokens, rng = _case(kind, dtype, 5)
+    slices, fan_in = PACKED[layer]
+    ranks = tuple(rng.choice([16, 8, 4]) for _ in slices)  # packed slices may have different ranks
+    lora_a, lora_b = _layer(slices, fan_in, ranks, 16, dtype)
+    x = torch.randn(tokens, fan_in, dtype=dtype)
+    start = torch.randn(tokens, sum(slices), dtype=dtype)
+    scale = rng.choice([1.0, 0.5])
+    expected = _plain_reference(start, x, lora_a, lora_b, scale, slices, per_token)
+    for dense_max_rows in (0, 10**6):  # one matmul pair per slot, and all slots at once
+        monkeypatch.setattr(lora_ops, "DENSE_MAX_ROWS", dense_max_rows)
+        y = start.clone()
+        step = lora_ops.Step(per_token)
+        assert lora_ops.fused_lora_linear(y, x, lora_a, lora_b, scale, slices, step)
+        base = per_token < 0
+        assert torch.equal(y[base], start[base])  # base tokens: exactly the base output
+        if dtype == torch.float32:
+            torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+        else:  # the model's dtype throughout, as vLLM's expand (bf16 rounding of the product and of y)
+            torch.testing.assert_close(y.double(), expected, atol=5e-2, rtol=2e-2)
+
+
+def test_fused_layer_one_slot_and_mixed_base_take_their_fast_forms() -> None:
+    one = lora_ops.Step(torch.tensor([2, 2, 2]))
+    assert one.single == 2 and one.slots == (2,)
+    mixed = lora_ops.Step(torch.tensor([2, -1, 2]))
+    assert mixed.single == -1 and mixed.slots == (2,)
+    assert lora_ops.Step(torch.tensor([-1, -1])).slots == ()
+    mask = mixed.mask(SLOTS, 3, torch.float32, 0.5)
+    assert mask.shape == (3, SLOTS * 3)
+    assert torch.equal(mask[1], torch.zeros(SLOTS * 3))  # base row: no slot
+    assert torch.equal(mask[0, 6:9], torch.full((3,), 0.5)) and mask[0].sum() == 1.5
+
+
+def test_fused_layer_sees_new_adapter_weights() -> None:
+    """The stacked weights are cached per layer; writing a slot (vLLM's set_lora) must not serve stale ones."""
+    slices, fan_in = PACKED["small_qkv"]
+    lora_a, lora_b = _layer(slices, fan_in, (16, 16, 16), 16, torch.float32)
+    x = torch.randn(4, fan_in)
+    per_token = torch.tensor([1, 1, 1, 1])
+
+    def run() -> torch.Tensor:
+        y = torch.zeros(4, sum(slices))
+        assert lora_ops.fused_lora_linear(y, x, lora_a, lora_b, 1.0, slices, lora_ops.Step(per_token))
+        return y
+
+    first = run()
+    lora_b[1][1, 0].copy_(torch.randn(32, 16))  # in place, as set_lora does: the version counter moves
+    second = run()
+    zeros = torch.zeros(4, sum(slices))
+    torch.testing.assert_close(
+        second, _plain_reference(zeros, x, lora_a, lora_b, 1.0, slices, per_token).float()
+    )
+    assert not torch.equal(first, second)
+    with (
+        torch.inference_mode()
+    ):  # tensors without version counters: the plugin's weights_changed() is the key
+        a_inf = tuple(t.clone() for t in lora_a)
+        b_inf = tuple(t.clone() for t in lora_b)
+        y = torch.zeros(4, sum(slices))
+        lora_ops.fused_lora_linear(y, x, a_inf, b_inf, 1.0, slices, lora_ops.Step(per_token))
+        b_inf[0][1, 0].zero_()
+        lora_ops.weights_changed()
+        y2 = torch.zeros(4, sum(slices))
+        lora_ops.fused_lora_linear(y2, x, a_inf, b_inf, 1.0, slices, lora_ops.Step(per_token))
+        assert torch.count_nonzero(y2[:, :64]) == 0 and torch.count_nonzero(y[:, :64]) > 0
+
+
+def test_fused_layer_declines_layouts_it_does_not_handle() -> None:
+    slices, fan_in = PACKED["small_qkv"]
+    lora_a, lora_b = _layer(slices, fan_in, (16, 16, 16), 16, torch.float32)
+    step = lora_ops.Step(torch.tensor([0, 0, 0]))
+    x = torch.randn(3, fan_in)
+    wider = torch.zeros(3, sum(slices) + 8)  # output wider than the slices: vLLM's per-slice path handles it
+    assert not lora_ops.fused_lora_linear(wider, x, lora_a, lora_b, 1.0, slices, step)
+    assert torch.count_nonzero(wider) == 0
+    padded = torch.zeros(5, sum(slices))  # more rows than the step's mapping
+    assert not lora_ops.fused_lora_linear(padded, torch.randn(5, fan_in), lora_a, lora_b, 1.0, slices, step)
