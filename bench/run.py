@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ALL = ["api_latency", "train_throughput", "serving_throughput"]
+ALL = ["api_latency", "train_throughput", "dpo_throughput", "serving_throughput"]
 
 
 def main() -> int:

@@ -5,6 +5,7 @@
 - `batch_size`: 1 up to 31 examples, then the power of two nearest below n/16, capped at 32: every epoch has at
   least about 16 optimizer steps, and big files do not take tiny steps (32 -> 2, 64 -> 4, 256 -> 16, 512+ -> 32).
 - `learning_rate_multiplier`: 1 (the base learning rate of `TrainConfig`).
+- `beta` (DPO only): 0.1, the usual strength of the pull towards the reference policy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ MIN_TARGET_EXAMPLES = 100
 MAX_TARGET_EXAMPLES = 25000
 MIN_EPOCHS, MAX_EPOCHS = 1, 25
 MAX_AUTO_BATCH = 32
+AUTO_BETA = 0.1
 
 
 @dataclass(frozen=True)
@@ -28,13 +30,17 @@ class Hyperparameters:
     n_epochs: int
     batch_size: int
     learning_rate_multiplier: float
+    beta: float | None = None  # DPO jobs only
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        values: dict[str, Any] = {
             "n_epochs": self.n_epochs,
             "batch_size": self.batch_size,
             "learning_rate_multiplier": self.learning_rate_multiplier,
         }
+        if self.beta is not None:
+            values["beta"] = self.beta
+        return values
 
 
 def auto_epochs(n_examples: int) -> int:
@@ -81,6 +87,15 @@ def resolve(
         else _positive(learning_rate_multiplier, "learning_rate_multiplier", float)
     )
     return Hyperparameters(int(epochs), int(batch), float(lr))
+
+
+def resolve_beta(value: Any) -> float:
+    """DPO's `beta`: "auto" (or None) is 0.1.
+
+    Raises:
+        ValueError: neither "auto" nor a positive number.
+    """
+    return AUTO_BETA if _is_auto(value) else float(_positive(value, "beta", float))
 
 
 def _is_auto(value: Any) -> bool:

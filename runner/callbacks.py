@@ -34,10 +34,20 @@ logger = logging.getLogger(__name__)
 
 STATUS_POLL_SECONDS = 0.5  # how often the training thread reads the job's status (cancel / pause)
 ESTIMATE_SECONDS = 5.0  # how often `estimated_finish` and `step` are written
-EVENT_METRICS = frozenset({
-    "step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
-    "full_valid_loss", "full_valid_mean_token_accuracy", "tokens",
-})  # fmt: skip
+DPO_METRICS = ("preference_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+EVENT_METRICS = frozenset(
+    {
+        "step",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "full_valid_loss",
+        "full_valid_mean_token_accuracy",
+        "tokens",
+        *(f"{where}_{name}" for where in ("train", "valid", "full_valid") for name in DPO_METRICS),
+    }
+)  # fmt: skip  DPO jobs add reward margin, chosen / rejected reward and preference accuracy
 
 
 class JobCallbacks(TrainCallbacks):
@@ -158,6 +168,10 @@ def step_message(step: int, total_steps: int, values: dict[str, Any]) -> str:
         text += f", validation loss={values['valid_loss']:.2f}"
     if values.get("full_valid_loss") is not None:
         text += f", full validation loss={values['full_valid_loss']:.2f}"
+    if values.get("train_reward_margin") is not None:
+        text += f", reward margin={values['train_reward_margin']:.2f}"
+    if values.get("full_valid_preference_accuracy") is not None:
+        text += f", preference accuracy={values['full_valid_preference_accuracy']:.2f}"
     return text
 
 

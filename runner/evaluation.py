@@ -5,6 +5,9 @@ labels as training). Sequence-level, on the first `max_generations` examples: th
 greedily and the answer is compared with the reference (exact match after trimming whitespace, character error
 rate). When the references come from a small label set (at most 20 distinct answers, each seen at least twice),
 as in classification, it also reports accuracy and macro-F1 over those labels.
+
+DPO jobs are evaluated on their validation pairs instead (`evaluate_preferences`): the DPO loss against the
+reference policy and the preference accuracy.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from runner.batching import collate, label_loss, micro_batches
 from runner.datasets import Dataset, Example
+from runner.dpo import preference_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +160,33 @@ def label_metrics(predictions: list[str], references: list[str]) -> dict[str, An
 
 def _mean(values: list[Any]) -> float | None:
     return float(sum(values)) / len(values) if values else None
+
+
+def evaluate_preferences(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    reference: torch.Tensor,
+    *,
+    beta: float,
+    micro_batch_tokens: int = 4096,
+) -> dict[str, Any]:
+    """DPO metrics of `model` on preference pairs, against the reference policy's log-probs.
+
+    Args:
+        model: the trained model (PEFT), on its device.
+        tokenizer: the base model's tokenizer.
+        dataset: tokenized validation pairs (`runner.preference.PreferenceDataset`).
+        reference: [n, 2] reference log-probs of (preferred, non-preferred) of each pair.
+        beta: the job's DPO beta.
+        micro_batch_tokens: padded tokens per forward pass.
+
+    Returns:
+        A JSON-able dict: n_examples, loss (DPO), preference_accuracy (share of pairs whose preferred answer
+        gains more reward), reward_margin, chosen_reward, rejected_reward.
+    """
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    metrics = preference_metrics(model, dataset.examples, reference, beta=beta, pad_id=int(pad_id), device=device,
+                                 token_limit=micro_batch_tokens)  # fmt: skip
+    return {"n_examples": len(dataset), **metrics}

@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,13 @@ from core.queue import publish_adapter_event
 from core.settings import Settings
 from core.storage import ArtifactStore, FenceLost
 from core.store_keys import adapter_key, state_key
-from core.tables import FileRow, JobEventRow, JobRow
+from core.tables import FileRow, JobEventRow, JobRow, ModelRow
+from core.train_config import TrainConfig
 from runner import artifacts, lease
 from runner.callbacks import JobCallbacks
-from runner.datasets import DEFAULT_MAX_SEQ_LEN, Dataset, Tokenization, load_dataset
+from runner.datasets import DEFAULT_MAX_SEQ_LEN, Tokenization, load_dataset
 from runner.lease import Lease
+from runner.preference import load_pairs
 from runner.trainer import TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -214,25 +217,74 @@ def _run(
         ) from exc
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     tokenization = Tokenization(tokenizer, max_seq_len=_max_seq_len(base.path))
+    spec = callbacks.spec
+    init = _fetch_init_adapter(callbacks.engine, store, spec.init_from, work) if spec.init_from else None
+    config = spec.train_config(settings=settings, model_path=base.path, output_dir=work / "run",
+                               base_model_name=job.model, init_adapter=init)  # fmt: skip
+    resume = _fetch_state(store, job.id, work)
+    if spec.method == "dpo":
+        return _run_dpo(job, store, tokenization, config, callbacks, resume)
     train_set = _load(job, store, job.training_file, tokenization, callbacks.engine)
     valid_set = (
         _load(job, store, job.validation_file, tokenization, callbacks.engine)
         if job.validation_file
         else None
     )
-    resume = _fetch_state(store, job.id, work)
-    config = callbacks.spec.train_config(settings=settings, model_path=base.path, output_dir=work / "run",
-                                         base_model_name=job.model)  # fmt: skip
     result = train(config, train_set, valid_set, callbacks=callbacks, resume=resume)
     evaluation = None
     if result.model is not None and valid_set is not None and len(valid_set):
         from runner.evaluation import evaluate
 
         evaluation = evaluate(
-            result.model, tokenizer, valid_set, micro_batch_tokens=config.micro_batch_tokens
+            result.model, tokenization.tokenizer, valid_set, micro_batch_tokens=config.micro_batch_tokens
         )
     result.model = None
     return _RunOutput(result, evaluation, train_set.prompts)
+
+
+def _run_dpo(
+    job: JobRow, store: ArtifactStore, tokenization: Tokenization, config: TrainConfig, callbacks: JobCallbacks,
+    resume: Path | None,
+) -> _RunOutput:  # fmt: skip
+    """The DPO part of the thread: preference pairs, DPO training, preference evaluation."""
+    from runner.dpo import train_dpo
+    from runner.evaluation import evaluate_preferences
+
+    engine = callbacks.engine
+    train_set = _load(job, store, job.training_file, tokenization, engine, loader=load_pairs)
+    valid_set = (
+        _load(job, store, job.validation_file, tokenization, engine, loader=load_pairs)
+        if job.validation_file
+        else None
+    )
+    result = train_dpo(config, train_set, valid_set, callbacks=callbacks, resume=resume)
+    evaluation = None
+    if (
+        result.model is not None
+        and valid_set is not None
+        and len(valid_set)
+        and result.valid_reference is not None
+    ):
+        evaluation = evaluate_preferences(result.model, tokenization.tokenizer, valid_set, result.valid_reference,
+                                          beta=result.beta, micro_batch_tokens=config.micro_batch_tokens)  # fmt: skip
+    result.model = None
+    return _RunOutput(result, evaluation, train_set.prompts)
+
+
+def _fetch_init_adapter(engine: Engine, store: ArtifactStore, model_name: str, work: Path) -> Path:
+    """A local copy of the adapter of the fine-tuned model (or checkpoint) a continued job starts from.
+
+    Raises:
+        JobFailure: the model was deleted since the job was created.
+    """
+    with Session(engine) as session:
+        row = session.exec(select(ModelRow).where(ModelRow.id == model_name)).first()
+    if row is None or row.deleted or not store.exists(row.storage_key):
+        raise JobFailure("invalid_model", f"Model {model_name}, which this job continues from, no longer exists",
+                         "model")  # fmt: skip
+    local = work / "init-adapter"
+    shutil.copytree(store.path(row.storage_key), local)
+    return local
 
 
 def _work_root(settings: Settings) -> Path:
@@ -247,15 +299,16 @@ def _max_seq_len(model_path: Path) -> int:
 
 
 def _load(
-    job: JobRow, store: ArtifactStore, file_id: str, tokenization: Tokenization, engine: Engine
-) -> Dataset:
+    job: JobRow, store: ArtifactStore, file_id: str, tokenization: Tokenization, engine: Engine,
+    loader: Callable[[Any, Tokenization], Any] = load_dataset,
+) -> Any:  # fmt: skip
     with Session(engine) as session:
         row = session.exec(select(FileRow).where(FileRow.id == file_id)).first()
     if row is None or row.deleted:
         param = "training_file" if file_id == job.training_file else "validation_file"
         raise JobFailure(f"invalid_{param}", f"File {file_id} no longer exists", param)
     with store.open(row.storage_key) as handle:
-        dataset = load_dataset(handle, tokenization)
+        dataset = loader(handle, tokenization)
     if dataset.truncated:
         add_event(engine, job.id, f"{dataset.truncated} example(s) of {file_id} are longer than "
                   f"{tokenization.max_seq_len} tokens and were truncated", level="warn")  # fmt: skip
@@ -341,8 +394,12 @@ def _succeed(
     if lease.holds(engine, held):
         _save_drift_profile(store, job.id, run.prompts)
 
+    stopping = _early_stopping(job, callbacks, result)
+
     def rows(session: Session) -> None:
         artifacts.final_rows(session, job=job, model_name=model_name, result_file=result_file)
+        if stopping:
+            session.add(job_event(job.id, stopping[0], data={"early_stopping": result.early_stopping}))
         session.add(_evaluation_event(job.id, run.evaluation))
         session.add(job_event(job.id, f"New fine-tuned model created: {model_name}"))
 
@@ -350,12 +407,30 @@ def _succeed(
         transition(engine, job.id, JobStatus.succeeded, message="The job has successfully completed",
                    expect=JobStatus.running, where=held.columns, also=rows, fine_tuned_model=model_name,
                    result_files=[result_file.id], trained_tokens=result.trained_tokens, evaluation=run.evaluation,
-                   estimated_finish=None, step=result.step)  # fmt: skip
+                   estimated_finish=None, step=result.step, **(stopping[1] if stopping else {}))  # fmt: skip
     except IllegalTransition:
         store.delete(result_file.storage_key)
         return _not_succeeded(engine, store, job)
     store.delete(state_key(job.id))
     return "succeeded"
+
+
+def _early_stopping(job: JobRow, callbacks: JobCallbacks, result: TrainResult) -> tuple[str, dict] | None:
+    """The event text and the `hyperparameters` column (with what early stopping did) of a job that had it on."""
+    report, asked = result.early_stopping, callbacks.spec.early_stopping
+    if report is None or asked is None:
+        return None
+    best = f"the fine-tuned model has the weights of step {report['best_step']} (full validation loss " \
+           f"{report['best_valid_loss']:.3f})"  # fmt: skip
+    if report["stopped_at_step"] is not None:
+        text = (f"Early stopping at step {report['stopped_at_step']}/{result.total_steps}: the validation loss did "
+                f"not improve for {asked.patience} evaluations; {best}")  # fmt: skip
+    else:
+        text = f"Early stopping did not stop the run; {best}"
+    columns = callbacks.spec.resolved_columns(result.hyperparameters)
+    columns["hyperparameters"]["early_stopping"] = asked.as_dict() | report
+    logger.info("job %s: %s", job.id, text)
+    return text, {"hyperparameters": columns["hyperparameters"]}
 
 
 def _not_succeeded(engine: Engine, store: ArtifactStore, job: JobRow) -> str:
@@ -387,6 +462,9 @@ async def _announce(redis: Any, job_id: str, *, deleted: list[str], ready: list[
 
 
 def _evaluation_message(evaluation: dict[str, Any]) -> str:
+    if "preference_accuracy" in evaluation:
+        return (f"Evaluation on the validation file: DPO loss={evaluation['loss']:.3f}, preference accuracy="
+                f"{evaluation['preference_accuracy']:.3f}, reward margin={evaluation['reward_margin']:.3f}")  # fmt: skip
     parts = [f"loss={evaluation['loss']:.3f}", f"perplexity={evaluation['perplexity']:.2f}",
              f"token accuracy={evaluation['token_accuracy']:.3f}"]  # fmt: skip
     if evaluation.get("exact_match") is not None:

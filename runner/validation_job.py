@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import update
@@ -98,8 +99,9 @@ def _check(settings: Settings, engine: Engine, store: ArtifactStore, job: JobRow
     except (UnknownModel, FileNotFoundError) as exc:
         message = f"Model {job.model} is not available for fine-tuning"
         raise JobFailure("unsupported_model", message, "model") from exc
-    JobSpec.from_row(job)  # a method this worker cannot train fails now, not after the files were read
+    spec = JobSpec.from_row(job)  # a method this worker cannot train fails now, not after the files were read
     tokenization = Tokenization(AutoTokenizer.from_pretrained(base.path))
+    count_tokens = _token_counter(tokenization)
     files = [("training_file", job.training_file, settings.min_examples)]
     if job.validation_file:
         files.append(("validation_file", job.validation_file, 1))
@@ -108,19 +110,39 @@ def _check(settings: Settings, engine: Engine, store: ArtifactStore, job: JobRow
         if row is None:
             raise JobFailure(f"invalid_{param}", f"File {file_id} does not exist", param)
         with store.open(row.storage_key) as handle:
-            report = validate_jsonl(
-                handle, count_tokens=tokenization.count_tokens, max_tokens=tokenization.max_seq_len
-            )
+            report = validate_jsonl(handle, count_tokens=count_tokens, max_tokens=tokenization.max_seq_len)
         error = report.job_error(param=param, min_examples=minimum)
         if error is not None:
             raise JobFailure.from_error(error)
-        if report.format == "preference":
-            message = "Preference (DPO) files cannot be trained yet; use chat or prompt/completion examples"
-            raise JobFailure(f"invalid_{param}", message, param)
+        _check_format(spec.method, report.format, param)
         if report.too_long:
             add_event(engine, job.id, f"{report.too_long} example(s) of {file_id} exceed {tokenization.max_seq_len} "
                       "tokens and will be truncated", level="warn")  # fmt: skip
         logger.info("job %s: %s %s ok: %s", job.id, param, file_id, report.summary())
+
+
+def _token_counter(tokenization: Tokenization) -> Callable[[dict], int]:
+    """Tokens of one example as it is trained: preference pairs by their longer sequence."""
+    from core.training_files import PREFERENCE, detect_format
+    from runner import preference
+
+    def count(example: dict) -> int:
+        if detect_format(example) == PREFERENCE:
+            return preference.count_tokens(tokenization, example)
+        return tokenization.count_tokens(example)
+
+    return count
+
+
+def _check_format(method: str, data_format: str | None, param: str) -> None:
+    """DPO trains on preference files only; supervised on chat and prompt/completion files only."""
+    if method == "dpo" and data_format not in (None, "preference"):
+        message = (f"A DPO job needs preference examples (`input`, `preferred_output`, `non_preferred_output`); "
+                   f"the {param} has {data_format} examples")  # fmt: skip
+        raise JobFailure(f"invalid_{param}", message, param)
+    if method != "dpo" and data_format == "preference":
+        message = "Preference (DPO) files are trained with `method.type: dpo`; use chat or prompt/completion examples"
+        raise JobFailure(f"invalid_{param}", message, param)
 
 
 def _file(engine: Engine, file_id: str, project_id: str) -> FileRow | None:

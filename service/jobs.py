@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass, field
+from typing import Any
 
 from arq.connections import ArqRedis
-from sqlalchemy import String, cast, exists, func
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -20,19 +22,16 @@ from sqlmodel import Session, col, select
 from core import base_models, metrics, queue
 from core.failures import JobFailure
 from core.ids import new_id
-from core.job_spec import HYPERPARAMETER_KEYS, JobSpec
+from core.job_spec import EARLY_STOPPING, HYPERPARAMETER_KEYS, INIT_FROM, JobSpec, LoraSpec
 from core.job_status import TERMINAL, IllegalTransition, JobStatus, transition
 from core.settings import Settings
 from core.tables import CheckpointRow, FileRow, JobEventRow, JobRow, ModelRow, Project
-from service import files, idempotency, pagination
+from service import checkpoint_permissions, files, idempotency
 from service.errors import InvalidRequest, RateLimited, not_found
 from service.protocol import (
     FineTuningJob,
     FineTuningJobCheckpoint,
-    FineTuningJobCheckpointList,
     FineTuningJobEvent,
-    FineTuningJobEventList,
-    FineTuningJobList,
     JobCreateRequest,
     JobError,
 )
@@ -54,7 +53,7 @@ def to_openai(row: JobRow) -> FineTuningJob:
         fine_tuned_model=row.fine_tuned_model,
         finished_at=row.finished_at,
         hyperparameters={key: hyperparameters.get(key, "auto") for key in HYPERPARAMETER_KEYS},
-        model=row.model,
+        model=(row.lora or {}).get(INIT_FROM) or row.model,  # a continued job: the model it started from
         organization_id=row.project_id,
         result_files=list(row.result_files or []),
         seed=row.seed,
@@ -69,6 +68,7 @@ def to_openai(row: JobRow) -> FineTuningJob:
         user_provided_suffix=row.suffix,
         evaluation=row.evaluation,
         lora=row.lora or {},
+        early_stopping=hyperparameters.get(EARLY_STOPPING),
     )
 
 
@@ -126,25 +126,87 @@ def create(
         InvalidRequest: unknown model, unusable file, unsupported method, conflicting hyperparameters.
         RateLimited: the project has `max_active_jobs_per_project` unfinished jobs already.
     """
-    _check_model(settings, request.model)
+    start = start_model(engine=engine, settings=settings, project_id=project.id, model=request.model)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-    spec = job_spec(settings, request, seed)
+    spec = job_spec(settings, request, seed, start)
     key = idempotency.check_key(idempotency_key)
     with Session(engine, expire_on_commit=False) as session:
         earlier = idempotency.find(session, project_id=project.id, kind="job", key=key)
         if earlier is not None:
             return get_row(session=session, project_id=project.id, job_id=earlier), False
-        _check_file(session, project.id, request.training_file, param="training_file")
+        _check_file(session, project.id, request.training_file, param="training_file", method=spec.method)
         if request.validation_file is not None:
-            _check_file(session, project.id, request.validation_file, param="validation_file")
+            _check_file(
+                session, project.id, request.validation_file, param="validation_file", method=spec.method
+            )
         _check_quota(session, project.id, settings.max_active_jobs_per_project)
-        job = _new_row(project, request, spec)
+        job = _new_row(project, request, spec, start.base_model)
+        job.queue_token = queue.new_token(queue.VALIDATE_JOB, job.id)  # committed with the job: one write
         if not _insert(session, job, key):
             winner = idempotency.find(session, project_id=project.id, kind="job", key=key)
             return get_row(session=session, project_id=project.id, job_id=str(winner)), False
     metrics.JOBS_CREATED.labels(base_model=job.model).inc()
     logger.info("job %s: created for project %s, model %s", job.id, project.name, job.model)
     return job, True
+
+
+@dataclass(frozen=True)
+class StartModel:
+    """What a new job starts from: a base model, or a fine-tuned model / checkpoint whose adapter it continues."""
+
+    base_model: str
+    init_from: str | None = None  # the fine-tuned model (or checkpoint) name; None: a fresh adapter
+    lora: dict[str, Any] = field(default_factory=dict)  # its adapter's rank, alpha and target modules
+
+
+def start_model(*, engine: Engine, settings: Settings, project_id: str, model: str) -> StartModel:
+    """Resolve a create request's `model`: a registered base model, or (continued training) a live fine-tuned
+    model or checkpoint of the project, or a checkpoint another project granted it (`checkpoint_permissions`).
+
+    Raises:
+        InvalidRequest: an unknown base model, a fine-tuned model the project cannot use, or one whose base
+            model is no longer registered (`param: model`).
+    """
+    if not model.startswith("ft:"):
+        _check_model(settings, model)
+        return StartModel(model)
+    with Session(engine) as session:
+        row = session.exec(
+            select(ModelRow).where(ModelRow.id == model, col(ModelRow.deleted).is_(False))
+        ).first()
+        usable = row is not None and (
+            row.project_id == project_id
+            or (row.checkpoint_step is not None
+                and checkpoint_permissions.granted(session, checkpoint=model, project_id=project_id))
+        )  # fmt: skip
+        source = (
+            session.exec(select(JobRow).where(JobRow.id == row.job_id)).first() if row and usable else None
+        )
+    if row is None or source is None:
+        raise InvalidRequest(f"Model {model!r} does not exist or you do not have access to it.", param="model",
+                             code="model_not_available")  # fmt: skip
+    _check_model(settings, row.base_model)
+    lora = LoraSpec.of(source.lora)
+    kept = {"rank": lora.rank, "alpha": lora.alpha}
+    return StartModel(row.base_model, model, kept | ({"target_modules": list(lora.target_modules)}
+                                                      if lora.target_modules else {}))  # fmt: skip
+
+
+def _continued_lora(start: StartModel, asked: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A continued job's `lora`: its start adapter's shape; asked keys that would change it are refused.
+
+    Raises:
+        InvalidRequest: `lora.rank`, `lora.alpha` or `lora.target_modules` differ from the start adapter's.
+    """
+    if start.init_from is None:
+        return asked
+    asked = dict(asked or {})
+    for key in ("rank", "alpha", "target_modules"):
+        if key in asked and asked[key] != start.lora.get(key):
+            have = start.lora.get(key, "every attention and MLP projection")
+            raise InvalidRequest(f"`lora.{key}` must match the adapter of {start.init_from} ({have}) to continue "
+                                 "training from it; leave it out.", param=f"lora.{key}")  # fmt: skip
+    return asked | start.lora
 
 
 def _check_model(settings: Settings, model: str) -> None:
@@ -189,25 +251,36 @@ def _insert(session: Session, job: JobRow, key: str | None) -> bool:
     return True
 
 
-def job_spec(settings: Settings, request: JobCreateRequest, seed: int) -> JobSpec:
-    """The request's job spec (the one interpretation of method, hyperparameters and `lora`).
+def job_spec(
+    settings: Settings, request: JobCreateRequest, seed: int, start: StartModel | None = None
+) -> JobSpec:
+    """The request's job spec (the one interpretation of method, hyperparameters, `lora` and `early_stopping`).
 
     Raises:
-        InvalidRequest: unsupported `method.type`, conflicting hyperparameters, a LoRA rank too large to serve.
+        InvalidRequest: unsupported `method.type`, conflicting hyperparameters, a LoRA rank too large to serve,
+            `lora` that conflicts with the adapter a continued job starts from, early stopping without a
+            validation file.
     """
+    start = start or StartModel(request.model)
+    lora = _continued_lora(start, request.lora.model_dump(exclude_none=True) if request.lora else None)
     try:
         return JobSpec.from_request(
             method=request.method.model_dump() if request.method else None,
             hyperparameters=request.hyperparameters.model_dump() if request.hyperparameters else None,
-            lora=request.lora.model_dump(exclude_none=True) if request.lora else None,
+            lora=lora,
             seed=seed,
             max_lora_rank=settings.vllm_max_lora_rank,
+            early_stopping=request.early_stopping.model_dump() if request.early_stopping else None,
+            has_validation_file=request.validation_file is not None,
+            init_from=start.init_from,
         )
     except JobFailure as exc:
         raise InvalidRequest(exc.message, param=exc.param) from exc
 
 
-def _check_file(session: Session, project_id: str, file_id: str, *, param: str) -> FileRow:
+def _check_file(
+    session: Session, project_id: str, file_id: str, *, param: str, method: str = "supervised"
+) -> FileRow:
     statement = select(FileRow).where(FileRow.id == file_id, *files.visible(project_id))
     row = session.exec(statement).first()
     if row is None:
@@ -218,14 +291,18 @@ def _check_file(session: Session, project_id: str, file_id: str, *, param: str) 
             param=param,
             code="invalid_file_purpose",
         )
+    if row.data_format and (row.data_format == "preference") != (method == "dpo"):
+        wanted = "preference examples" if method == "dpo" else "chat or prompt/completion examples"
+        raise InvalidRequest(f"File {file_id} has {row.data_format} examples; a {method} job trains on {wanted}.",
+                             param=param, code="invalid_file_format")  # fmt: skip
     return row
 
 
-def _new_row(project: Project, request: JobCreateRequest, spec: JobSpec) -> JobRow:
+def _new_row(project: Project, request: JobCreateRequest, spec: JobSpec, base_model: str) -> JobRow:
     return JobRow(
         id=new_id("ftjob-"),
         project_id=project.id,
-        model=request.model,
+        model=base_model,
         status=S.validating_files.value,
         **spec.columns(),
         seed=spec.seed,
@@ -253,9 +330,11 @@ def _first_events(job: JobRow) -> list[JobEventRow]:
 
 
 async def enqueue(
-    *, engine: Engine, redis: ArqRedis | None, settings: Settings, function: str, job_id: str
-) -> bool:
-    """Push a committed job to the queue; when Redis is down, log it and leave it to the reconciler.
+    *, engine: Engine, redis: ArqRedis | None, settings: Settings, function: str, job_id: str,
+    token: str | None = None,
+) -> bool:  # fmt: skip
+    """Push a committed job to the queue (under `token` when it was committed with the job); when Redis is down,
+    log it and leave it to the reconciler.
 
     Returns:
         True when the job was pushed.
@@ -264,14 +343,15 @@ async def enqueue(
         logger.warning("job %s: redis is down; %s left to the reconciler", job_id, function)
         return False
     try:
-        await queue.enqueue(engine, redis, function=function, job_id=job_id, queue_name=settings.queue_name)
+        await queue.enqueue(engine, redis, function=function, job_id=job_id, queue_name=settings.queue_name,
+                            token=token)  # fmt: skip
     except Exception as exc:
         logger.warning("job %s: enqueue of %s failed (%s); left to the reconciler", job_id, function, exc)
         return False
     return True
 
 
-# --- read and list -----------------------------------------------------------------------------------------
+# --- one job (the hot read paths are in `service.job_reads`) ------------------------------------------------
 def get_row(*, session: Session, project_id: str, job_id: str, param: str = JOB_ID_PARAM) -> JobRow:
     """The project's job `job_id`.
 
@@ -282,83 +362,6 @@ def get_row(*, session: Session, project_id: str, job_id: str, param: str = JOB_
     if row is None:
         raise not_found("fine-tuning job", job_id, param=param)
     return row
-
-
-def retrieve(*, session: Session, project_id: str, job_id: str) -> FineTuningJob:
-    return to_openai(get_row(session=session, project_id=project_id, job_id=job_id))
-
-
-def list_jobs(
-    *, session: Session, project_id: str, after: str | None, limit: int, metadata: dict[str, str] | None,
-    metadata_null: bool = False,
-) -> FineTuningJobList:  # fmt: skip
-    """The project's jobs, newest first, after job `after`; `metadata` filters on every pair (AND)."""
-    statement = select(JobRow).where(JobRow.project_id == project_id)
-    for key, value in (metadata or {}).items():
-        statement = statement.where(col(JobRow.metadata_)[key].as_string() == value)
-    if metadata_null:
-        statement = statement.where(
-            func.coalesce(cast(col(JobRow.metadata_), String), "null").in_(["null", "{}"])
-        )
-    after_pk = (
-        None
-        if after is None
-        else pagination.cursor(session, JobRow, JobRow.project_id == project_id, after=after, kind="job")
-    )
-    rows, has_more = pagination.page(session, statement, JobRow, after_pk=after_pk, limit=limit)
-    return FineTuningJobList(data=[to_openai(r) for r in rows], has_more=has_more)
-
-
-def list_events(
-    *, session: Session, project_id: str, job_id: str, after: str | None, limit: int
-) -> FineTuningJobEventList:
-    """A job's events, newest first, after event `after`."""
-    get_row(session=session, project_id=project_id, job_id=job_id)
-    scope = JobEventRow.job_id == job_id
-    after_pk = (
-        None
-        if after is None
-        else pagination.cursor(
-            session, JobEventRow, scope, after=after, kind="event", within=f" in job {job_id}"
-        )
-    )
-    rows, has_more = pagination.page(session, select(JobEventRow).where(scope), JobEventRow, after_pk=after_pk,
-                                     limit=limit)  # fmt: skip
-    return FineTuningJobEventList(data=[event_to_openai(r) for r in rows], has_more=has_more)
-
-
-def list_checkpoints(
-    *, session: Session, project_id: str, job_id: str, after: str | None, limit: int
-) -> FineTuningJobCheckpointList:
-    """A job's kept checkpoints, newest first, after checkpoint `after`; a checkpoint whose model was deleted
-    (`DELETE /v1/models/...` of it or of the job's final model) is gone from the list too."""
-    get_row(session=session, project_id=project_id, job_id=job_id)
-    model_deleted = exists().where(
-        col(ModelRow.id) == col(CheckpointRow.fine_tuned_model_checkpoint), col(ModelRow.deleted).is_(True)
-    )
-    statement = select(CheckpointRow).where(
-        CheckpointRow.job_id == job_id, col(CheckpointRow.deleted).is_(False), ~model_deleted
-    )
-    after_pk = (
-        None
-        if after is None
-        else pagination.cursor(
-            session,
-            CheckpointRow,
-            CheckpointRow.job_id == job_id,
-            after=after,
-            kind="checkpoint",
-            within=f" in job {job_id}",
-        )
-    )
-    rows, has_more = pagination.page(session, statement, CheckpointRow, after_pk=after_pk, limit=limit)
-    data = [checkpoint_to_openai(r) for r in rows]
-    return FineTuningJobCheckpointList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=has_more,
-    )
 
 
 # --- state changes -----------------------------------------------------------------------------------------

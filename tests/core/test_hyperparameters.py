@@ -36,3 +36,16 @@ def test_resolve_rejects_bad_values() -> None:
         resolve(n_epochs=0, n_examples=10)
     with pytest.raises(ValueError, match="`batch_size`"):
         resolve(batch_size=1.5, n_examples=10)
+
+
+def test_dpo_beta_resolves_and_is_written_only_for_dpo() -> None:
+    from dataclasses import replace
+
+    from core.hyperparameters import resolve_beta
+
+    assert resolve_beta("auto") == resolve_beta(None) == 0.1 and resolve_beta(0.5) == 0.5
+    for bad in (0, -1, "x", True):
+        with pytest.raises(ValueError, match="`beta`"):
+            resolve_beta(bad)
+    hp = resolve(n_examples=10)
+    assert "beta" not in hp.as_dict() and replace(hp, beta=0.1).as_dict()["beta"] == 0.1

@@ -138,7 +138,7 @@ INVALID = [
     ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
     (dpo(beta=0), "method.dpo.hyperparameters.beta"),
     (dpo(beta=2.5), "method.dpo.hyperparameters.beta"),
-    (dpo(beta=0.1), "method.type"),  # valid DPO request, but the trainer is supervised only
+    (dpo(beta=0.1), "training_file"),  # a valid DPO request, but a DPO job needs a preference file
     ({"method": {"type": "reinforcement"}}, "method.type"),
     ({"method": {"type": "magic"}}, "method.type"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
