@@ -166,8 +166,17 @@ def plan(settings: Settings) -> list[Child]:
             # The worker shares the CPU with vLLM here: torch with every core's worth of threads spins against
             # vLLM's OpenMP threads and runs several times slower than with half of them.
             child_env["FT_TRAIN_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
+        if name == "worker" and "LD_PRELOAD" not in os.environ and (tcmalloc := _tcmalloc()):
+            # glibc malloc is slow for the trainer's allocation pattern; tcmalloc measured +38% tokens/s.
+            child_env["LD_PRELOAD"] = tcmalloc
         children.append(Child(name, [*exe, name], child_env, logs / f"{name}.log"))
     return children
+
+
+def _tcmalloc() -> str | None:
+    """Debian's tcmalloc (`libtcmalloc-minimal4`) when it is installed, for preloading into the worker."""
+    found = sorted(Path("/usr/lib").glob("*-linux-gnu/libtcmalloc_minimal.so.4"))
+    return str(found[0]) if found else None
 
 
 def run_up(settings: Settings) -> int:
