@@ -11,6 +11,7 @@ by a separate server on `FT_METRICS_HOST:FT_API_METRICS_PORT` (127.0.0.1:9100 by
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -129,6 +130,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # With several uvicorn workers, the supervisor serves every worker's metrics (see `run_api`).
     multiprocess = bool(os.environ.get(MULTIPROC_ENV))
     metrics_server = None if multiprocess else _start_metrics_server(settings, app.state.engine)
+    # What is alive now (modules, routes, models, the engine) lives as long as the process: out of the cyclic
+    # collector's sight, a full collection walks only what requests made, instead of pausing every request in
+    # flight for tens of milliseconds every few seconds under load (the p99 of the read endpoints).
+    gc.collect()
+    gc.freeze()
     try:
         yield
     finally:
