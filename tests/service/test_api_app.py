@@ -137,7 +137,9 @@ def test_without_redis_jobs_are_committed_and_enqueued_once_it_is_back(tmp_path)
         engine.dispose()
         queued = redis.Redis.from_url(settings.resolved_redis_url)
         try:  # every job is committed with its queue token; only the online one was pushed under it
-            assert queued.zscore(settings.queue_name, str(tokens[offline.id])) is None  # left to the reconciler
+            assert (
+                queued.zscore(settings.queue_name, str(tokens[offline.id])) is None
+            )  # left to the reconciler
             assert queued.zscore(settings.queue_name, str(tokens[online])) is not None
         finally:
             queued.close()
