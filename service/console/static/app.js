@@ -325,12 +325,15 @@
     const options = (items, label, optional) => [
       optional ? h("option", { value: "" }, "(none)") : null,
       ...items.map((item) => h("option", { value: item.id }, label(item)))];
+    // A base model, or a fine-tuned model or checkpoint of the project to continue training from.
     const model = h("select", { name: "model", required: true },
-      options(models.filter((m) => m.owned_by === "system"), (m) => m.id));
+      options(models.filter((m) => m.owned_by === "system"), (m) => m.id),
+      options(models.filter((m) => m.owned_by !== "system"), (m) => `${m.id} (continue)`));
     const training = h("select", { name: "training_file", required: true },
       options(usable, (f) => `${f.filename} (${f.id})`));
     const validation = h("select", { name: "validation_file" }, options(usable, (f) => `${f.filename} (${f.id})`, true));
-    const method = h("select", { name: "method" }, h("option", { value: "supervised" }, "supervised"));
+    const method = h("select", { name: "method" }, h("option", { value: "supervised" }, "supervised"),
+      h("option", { value: "dpo" }, "dpo (preference pairs)"));
     const inputs = {
       n_epochs: h("input", { name: "n_epochs", inputmode: "numeric", placeholder: "auto" }),
       batch_size: h("input", { name: "batch_size", inputmode: "numeric", placeholder: "auto" }),
@@ -340,6 +343,9 @@
       rank: h("input", { name: "lora_rank", type: "number", min: 1, placeholder: "16" }),
       alpha: h("input", { name: "lora_alpha", type: "number", min: 1, placeholder: "32" }),
       dropout: h("input", { name: "lora_dropout", type: "number", min: 0, max: 1, step: "0.01", placeholder: "0.05" }),
+      beta: h("input", { name: "beta", inputmode: "decimal", placeholder: "auto (0.1)" }),
+      patience: h("input", { name: "early_stopping_patience", type: "number", min: 1, placeholder: "off" }),
+      min_delta: h("input", { name: "early_stopping_min_delta", type: "number", min: 0, step: "any", placeholder: "0" }),
     };
     const status = h("div", { "aria-live": "polite" });
     const form = h("form", { class: "card", onsubmit: async (event) => {
@@ -349,8 +355,16 @@
         const value = numberOrAuto(inputs[name].value);
         if (value !== undefined) hyper[name] = value;
       }
+      if (method.value === "dpo") {
+        const beta = numberOrAuto(inputs.beta.value);
+        if (beta !== undefined) hyper.beta = beta;
+      }
       const body = { model: model.value, training_file: training.value,
-        method: { type: method.value, supervised: { hyperparameters: hyper } } };
+        method: { type: method.value, [method.value]: { hyperparameters: hyper } } };
+      if (inputs.patience.value) {
+        body.early_stopping = { patience: Number(inputs.patience.value) };
+        if (inputs.min_delta.value) body.early_stopping.min_delta = Number(inputs.min_delta.value);
+      }
       if (validation.value) body.validation_file = validation.value;
       if (inputs.suffix.value.trim()) body.suffix = inputs.suffix.value.trim();
       if (inputs.seed.value) body.seed = Number(inputs.seed.value);
@@ -371,7 +385,9 @@
       field("Validation file", validation), field("Method", method)),
     h("fieldset", {}, h("legend", {}, "Hyperparameters"), h("div", { class: "grid" },
       field("Epochs", inputs.n_epochs), field("Batch size", inputs.batch_size),
-      field("Learning rate multiplier", inputs.learning_rate_multiplier))),
+      field("Learning rate multiplier", inputs.learning_rate_multiplier), field("DPO beta", inputs.beta))),
+    h("fieldset", {}, h("legend", {}, "Early stopping (needs a validation file)"), h("div", { class: "grid" },
+      field("Patience (evaluations)", inputs.patience), field("Minimum improvement", inputs.min_delta))),
     h("fieldset", {}, h("legend", {}, "LoRA"), h("div", { class: "grid" },
       field("Rank", inputs.rank), field("Alpha", inputs.alpha), field("Dropout", inputs.dropout))),
     h("div", { class: "grid" }, field("Suffix", inputs.suffix, "Part of the model name"), field("Seed", inputs.seed)),
