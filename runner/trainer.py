@@ -204,6 +204,7 @@ class _Run:
             batch_size=config.batch_size,
             learning_rate_multiplier=config.learning_rate_multiplier,
             n_examples=len(train_set),
+            method=config.method,
         )
         self.lengths = [len(e) for e in train_set.examples]
         self.steps_per_epoch = math.ceil(len(train_set) / self.hp.batch_size)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.hyperparameters import auto_batch_size, auto_epochs, resolve
+from core.hyperparameters import AUTO_DPO_LR_MULTIPLIER, auto_batch_size, auto_epochs, resolve
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,9 @@ def test_dpo_beta_resolves_and_is_written_only_for_dpo() -> None:
             resolve_beta(bad)
     hp = resolve(n_examples=10)
     assert "beta" not in hp.as_dict() and replace(hp, beta=0.1).as_dict()["beta"] == 0.1
+
+
+def test_a_dpo_job_resolves_auto_learning_rate_to_a_tenth() -> None:
+    assert resolve(n_examples=64, method="dpo").learning_rate_multiplier == AUTO_DPO_LR_MULTIPLIER == 0.1
+    assert resolve(n_examples=64).learning_rate_multiplier == 1.0
+    assert resolve(n_examples=64, method="dpo", learning_rate_multiplier=0.5).learning_rate_multiplier == 0.5
