@@ -241,7 +241,7 @@ def test_unsupported_method_fails_at_validation(factory: Factory, wsettings: Set
 
     job_id = factory.job(jsonl(chat_lines(10)))
     with Session(factory.engine) as session:
-        session.execute(update(JobRow).where(JobRow.id == job_id).values(method={"type": "dpo"}))  # type: ignore[arg-type]
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(method={"type": "reinforcement"}))  # type: ignore[arg-type]
         session.commit()
     asyncio.run(factory.enqueue(job_id))
     burst(wsettings)
