@@ -57,6 +57,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator
     api.stop()
 
 
+def server_with_models(home: Path, redis_url: str, models_dir: Path, **overrides: object) -> ApiServer:
+    """An API whose FT_HOME holds the prepared base models (export and import read the base weights)."""
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    return ApiServer(service_settings(home, redis_url, **overrides), home / "api.log")
+
+
 @pytest.fixture(scope="module")
 def db(server: ApiServer) -> Iterator[Engine]:
     """The server's database, for arranging states (running jobs, checkpoints, models) the worker would write."""

@@ -20,28 +20,18 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from core.base_models import TINY
-from core.db import make_engine
 from core.storage import ArtifactStore
 from tests.conftest import ApiServer, tuneworks
 from tests.service.adapters import config_of, make_adapter, register_model, tiny_path
-from tests.service.conftest import service_settings
+from tests.service.conftest import server_with_models
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, redis_url: str, models_dir: Path) -> Iterator[ApiServer]:
     """The API with the prepared base models in its FT_HOME (the export reads the base weights)."""
-    home = tmp_path_factory.mktemp("api-home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)
-    api = ApiServer(service_settings(home, redis_url), home / "api.log")
+    api = server_with_models(tmp_path_factory.mktemp("api-home"), redis_url, models_dir)
     yield api
     api.stop()
-
-
-@pytest.fixture(scope="module")
-def db(server: ApiServer) -> Iterator[Engine]:
-    engine = make_engine(server.settings.resolved_database_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture(scope="module")

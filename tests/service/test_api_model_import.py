@@ -24,30 +24,22 @@ from sqlmodel import Session, select
 
 from core import queue
 from core.base_models import TINY
-from core.db import make_engine
 from core.storage import ArtifactStore
 from core.tables import ModelRow
 from serving.materialise import materialise
 from tests.conftest import ApiServer, tuneworks
 from tests.service.adapters import make_adapter, tar_of
-from tests.service.conftest import service_settings
+from tests.service.conftest import server_with_models
 from tests.service.test_api_export import export, unpack
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, redis_url: str, models_dir: Path) -> Iterator[ApiServer]:
-    home = tmp_path_factory.mktemp("api-home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)
-    api = ApiServer(service_settings(home, redis_url, vllm_max_lora_rank=16), home / "api.log")
+    api = server_with_models(
+        tmp_path_factory.mktemp("api-home"), redis_url, models_dir, vllm_max_lora_rank=16
+    )
     yield api
     api.stop()
-
-
-@pytest.fixture(scope="module")
-def db(server: ApiServer) -> Iterator[Engine]:
-    engine = make_engine(server.settings.resolved_database_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture(scope="module")
